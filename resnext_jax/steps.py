@@ -1,0 +1,90 @@
+"""The pure train and eval steps, shared by the trainer and the benchmark.
+
+Batches arrive as uint8 images (normalised here, on the device) with int32 labels, and
+for evaluation a `mask` that marks real (not padding) examples. Loss is float32.
+The trainer wraps these in `jax.jit` with explicit shardings; the benchmark runs the
+very same functions.
+"""
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from resnext_jax.models import normalize_images
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training run carries from step to step (and checkpoints)."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def create_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+  """Wraps initial (or restored) model variables and a fresh optimizer state."""
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables['batch_stats'], opt_state=tx.init(params))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy in float32, with optional label smoothing."""
+  targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module,
+               tx: optax.GradientTransformation, learning_rate_fn=None,
+               label_smoothing: float = 0.0) -> tuple[TrainState, dict]:
+  """One SGD step on the global batch; returns the new state and scalar metrics."""
+  images = normalize_images(batch['image'], model.dtype)
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+        mutable=['batch_stats'])
+    loss = jnp.mean(cross_entropy(logits, batch['label'], model.num_classes,
+                                  label_smoothing))
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      'loss': loss,
+      'top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+  }
+  if learning_rate_fn is not None:
+    metrics['learning_rate'] = learning_rate_fn(state.step)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
+  """Sums of loss, top-1 and top-5 hits over the real examples of a (padded) batch."""
+  images = normalize_images(batch['image'], model.dtype)
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                       images, train=False)
+  labels = batch['label']
+  mask = batch.get('mask', jnp.ones(labels.shape, bool)).astype(jnp.float32)
+  loss = cross_entropy(logits, labels, model.num_classes)
+  top5 = jax.lax.top_k(logits, min(5, model.num_classes))[1]
+  hits5 = jnp.any(top5 == labels[:, None], axis=-1)
+  hits1 = jnp.argmax(logits, -1) == labels
+  return {
+      'loss_sum': jnp.sum(loss * mask),
+      'top1_sum': jnp.sum(hits1 * mask),
+      'top5_sum': jnp.sum(hits5 * mask),
+      'count': jnp.sum(mask),
+  }
