@@ -1,17 +1,18 @@
 """The built-in 'shapes' dataset: a small image classification task that needs no download.
 
-Five classes of filled shapes (circle, cross, square, star, triangle), each drawn in a
-random colour, size, position and rotation on a background of another random colour with
-a random gradient and pixel noise; 64x64 RGB JPEGs. 600 training and 100 validation images
-per class (3,000 / 500). The shape is what decides the class, and colour, position, size
-and rotation are nuisances, so a model has to learn form, yet a tiny ResNeXt gets there in a
-few CPU minutes.
+Five classes of filled shapes (circle, cross, square, star, triangle), each drawn light, in a
+random colour, size, position and rotation, on a dark background of another random colour
+with a random gradient and pixel noise; 64x64 RGB JPEGs. 600 training and 100 validation
+images per class (3,000 / 500). The shape alone decides the class; colour, position, size and
+rotation are nuisances, so a model has to learn form. A tiny ResNeXt (one block per stage,
+base_planes 16, cardinality 4) trained at 32 px with the standard augmentation reaches 100%
+validation top-1 in about two minutes on a 2-core CPU.
 
-The images are generated deterministically (fixed seeds, the same bytes on every machine
-with the same Pillow) into the image-folder layout `ROOT/<split>/<class>/<image>.jpg` on first
-use, in a few seconds, so that the quickstart and the tests go through exactly the code a
-user's own folder goes through. Shapes stay near the centre so that a random crop of at least
-a third of the image (the `train_crop_min_area` its configs use) keeps most of the shape.
+The images are generated deterministically (fixed seeds: the same bytes on every machine with
+the same Pillow) into the image-folder layout `ROOT/<split>/<class>/<image>.jpg` on first use,
+in a few seconds, so that the quickstart and the tests go through exactly the code a user's
+own folder goes through. Shapes are large and near the centre, so even the smallest random
+crop (8% of the area) usually keeps enough of the shape to tell it.
 """
 
 import json
@@ -30,7 +31,7 @@ IMAGE_SIZE = 64
 SPLIT_SIZES = {'train': 600, 'validation': 100}
 
 # Bump when the generator changes, so that stale copies are regenerated, not reused.
-_VERSION = 1
+_VERSION = 2
 _MARKER = '.shapes_dataset.json'
 _SEEDS = {'train': 0, 'validation': 1}
 
@@ -59,6 +60,7 @@ def ensure_generated(root: str) -> str:
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(root)}.tmp-', dir=parent)
   try:
     generate(tmp)
+    os.chmod(tmp, 0o755)  # mkdtemp made it private; the data is not.
     if os.path.isdir(root):
       os.rmdir(root)  # Empty (checked above); rename cannot replace it otherwise.
     os.rename(tmp, root)
@@ -88,10 +90,9 @@ def generate(root: str) -> None:
 
 def draw_example(name: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
   """One `size` x `size` x 3 uint8 image of the shape `name`."""
-  background = rng.uniform(0, 255, 3)
-  foreground = rng.uniform(0, 255, 3)
-  while np.linalg.norm(foreground - background) < 120:  # Keep the shape visible.
-    foreground = rng.uniform(0, 255, 3)
+  # A light shape on a dark background, both of random colour.
+  background = rng.uniform(0, 110, 3)
+  foreground = rng.uniform(150, 255, 3)
 
   # Background: its colour plus a linear gradient in a random direction.
   angle = rng.uniform(0, 2 * math.pi)
@@ -100,8 +101,8 @@ def draw_example(name: str, rng: np.random.Generator, size: int = IMAGE_SIZE) ->
   pixels = background + rng.uniform(10, 40) * gradient[..., None]
 
   # The shape: its circumscribed radius and centre, kept away from the borders.
-  radius = rng.uniform(0.2, 0.32) * size
-  center = size / 2 + rng.uniform(-1, 1, 2) * 0.12 * size
+  radius = rng.uniform(0.26, 0.38) * size
+  center = size / 2 + rng.uniform(-1, 1, 2) * 0.1 * size
   mask = Image.new('L', (size, size), 0)
   draw = ImageDraw.Draw(mask)
   if name == 'circle':
