@@ -24,7 +24,7 @@ Why tf.data driven by a stateless sampler, rather than grain or tf.data's shuffl
     [kB + ib, kB + (i+1)b) where b = B / process_count. Processes read disjoint data, and the
     sequence of global batches does not depend on the number of processes.
 
-Preprocessing follows the seed's mmcls recipe: train = RandomResizedCrop (area 0.08-1,
+Preprocessing follows mmcls' ImageNet recipe: train = RandomResizedCrop (area 0.08-1,
 aspect 3/4-4/3, ten tries then a centre crop, as torchvision and mmcls sample it) taken from the
 compressed JPEG, bilinear resize, horizontal flip with p=0.5; eval = resize the shorter side
 to image_size / 0.875, centre crop. Batches leave the host as uint8; the train step normalises
@@ -162,7 +162,6 @@ def _train_iterator(config, *, start_step: int, process_index: int,
   image_size = config.image_size
   min_area = config.get('train_crop_min_area', 0.08)
   order = _EpochOrder(split.num_examples, seed)
-  augment_key = 2 * seed + 1  # Never equal to the permutation key, 2 * seed.
 
   def make_dataset(examples_seen: int) -> tf.data.Dataset:
     def positions(step):
@@ -170,7 +169,7 @@ def _train_iterator(config, *, start_step: int, process_index: int,
       return first + tf.range(local_batch, dtype=tf.int64)
 
     def preprocess(position, encoded, label):
-      seed_pair = tf.stack([tf.constant(augment_key, tf.int64), position])
+      seed_pair = tf.stack([tf.constant(seed, tf.int64), position])
       image = preprocess_train(encoded, seed_pair, image_size=image_size, min_area=min_area)
       return {'image': image, 'label': label}
 
@@ -234,7 +233,7 @@ class _EpochOrder:
 
   def __init__(self, num_examples: int, seed: int):
     self._num_examples = num_examples
-    self._key = 2 * seed
+    self._seed = seed
     # An epoch's permutation is drawn once; a batch spans at most a few epochs.
     self._permutation = functools.lru_cache(maxsize=2)(self._draw_permutation)
 
@@ -251,7 +250,7 @@ class _EpochOrder:
     return indices
 
   def _draw_permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self._key, epoch]).permutation(self._num_examples)
+    return np.random.default_rng([self._seed, epoch]).permutation(self._num_examples)
 
 
 # ---------------------------------------------------------------------------------------
@@ -432,6 +431,8 @@ def _tfds_source(name: str, data_dir: str, manual_dir: str, splits: tuple[str, .
       parsed = tf.io.parse_example(tf.ensure_shape(serialized, indices.shape), parse_spec)
       return parsed[image_key], tf.cast(parsed[label_key], tf.int32)
 
+    if not len(records):
+      raise ValueError(f'Split {split!r} of tfds dataset {name!r} in {builder.data_dir} is empty.')
     return _Split(len(records), load)
 
   split_data = {s: split_of(s) for s in splits}
