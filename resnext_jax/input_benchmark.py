@@ -7,8 +7,8 @@ alternately times the bare loop (read file, `sample_distorted_bounding_box`,
 `decode_and_crop_jpeg`, resize, flip, batch: the least a JPEG training pipeline does) and
 our training iterator over the same files (the folder preparation is not timed). Each is
 timed `--rounds` times and its best run counts, which damps the noise of a shared machine;
-the images per CPU-second of each are printed too, a comparison that other load on the
-machine hardly moves. The last line is `images_per_sec=<float>` for our pipeline.
+images per CPU-second of this process are printed too, a second view that other load on the
+machine moves less. The last line is `images_per_sec=<float>` for our pipeline.
 
 Our pipeline samples crops as torchvision and mmcls do; their mean area (~43% of a 500x375
 image) is larger than that of TF's `sample_distorted_bounding_box` in the bare loop (~39%),
@@ -104,7 +104,7 @@ def main() -> None:
   bare_rate, bare_cpu = np.max(bare, axis=0)
   ours_rate, ours_cpu = np.max(ours, axis=0)
   print(f'per CPU-second: bare {bare_cpu:.1f}, ours {ours_cpu:.1f} images '
-        f'(ratio {ours_cpu / bare_cpu:.3f}; robust to other load on the machine)')
+        f'(ratio {ours_cpu / bare_cpu:.3f})')
   print(f'bare_tfdata_images_per_sec={bare_rate:.1f}')
   print(f'ratio={ours_rate / bare_rate:.3f}')
   print(f'images_per_sec={ours_rate:.1f}')
