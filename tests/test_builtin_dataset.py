@@ -58,6 +58,7 @@ def test_default_location_is_under_home(monkeypatch, tmp_path):
   assert builtin_dataset.default_dir().startswith(str(tmp_path / '.cache'))
 
 
+@pytest.mark.slow  # Generates and checks all 3,500 images: 15-40 s on 2 busy cores.
 def test_shapes_flow_through_the_image_folder_pipeline(tmp_path):
   config = ml_collections.ConfigDict(dict(
       dataset=builtin_dataset.NAME, data_dir=str(tmp_path / 'shapes'), train_split='train',
