@@ -1,9 +1,14 @@
-"""Model variables on disk: converted weights and (later) training checkpoints, via Orbax.
+"""Model variables and training state on disk, via Orbax.
 
-A *variables directory* is what the converter writes:
+Two layouts exist. A *variables directory* is what the converter writes:
 
     DIR/variables/      Orbax checkpoint of {'params', 'batch_stats'} (float32 numpy)
     DIR/model.json      {"arch": ..., "num_classes": ..., "source": ...}
+
+A *training workdir* holds an Orbax `CheckpointManager` directory:
+
+    WORKDIR/checkpoints/<step>/state/   the TrainState as a nested dict
+    WORKDIR/checkpoints/<step>/data/    the input iterator's position (JSON)
 
 `load_variables` is the one entry point for reading weights back, whatever wrote them.
 """
@@ -14,11 +19,15 @@ import shutil
 import tempfile
 from typing import Any
 
+import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 VARIABLES_ITEM = 'variables'
+CHECKPOINTS_DIR = 'checkpoints'
+STATE_ITEM = 'state'
+DATA_ITEM = 'data'
 MODEL_INFO_FILE = 'model.json'
 
 
@@ -73,16 +82,74 @@ def read_model_info(directory: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
+def _latest_step_dir(checkpoints_dir: str) -> str | None:
+  steps = [int(name) for name in os.listdir(checkpoints_dir) if name.isdigit()
+           and os.path.isdir(os.path.join(checkpoints_dir, name, STATE_ITEM))]
+  return os.path.join(checkpoints_dir, str(max(steps))) if steps else None
+
+
 def load_variables(path: str) -> dict:
-  """Reads `{'params', 'batch_stats'}` (numpy arrays) from a variables directory."""
+  """Reads `{'params', 'batch_stats'}` (numpy arrays) from any checkpoint we write.
+
+  `path` may be a converter output, a training workdir (its latest checkpoint), a
+  workdir's `checkpoints/` folder, or one step directory of it.
+  """
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
     raise CheckpointError(f'No checkpoint at {path}: the path does not exist.')
-  item = os.path.join(path, VARIABLES_ITEM)
-  if not os.path.isdir(item):
-    raise CheckpointError(
-        f'{path} is not a resnext_jax checkpoint: expected a converter output '
-        f'(with a {VARIABLES_ITEM}/ folder). Convert PyTorch weights with '
-        '`python -m resnext_jax.convert --arch=ARCH --input=FILE --output=DIR`.')
-  restored = ocp.StandardCheckpointer().restore(item)
+  if os.path.isdir(os.path.join(path, VARIABLES_ITEM)):
+    restored = ocp.StandardCheckpointer().restore(os.path.join(path, VARIABLES_ITEM))
+  else:
+    step_dir = path if os.path.isdir(os.path.join(path, STATE_ITEM)) else None
+    for candidate in (os.path.join(path, CHECKPOINTS_DIR), path):
+      if step_dir is None and os.path.isdir(candidate):
+        step_dir = _latest_step_dir(candidate)
+    if step_dir is None:
+      raise CheckpointError(
+          f'{path} is not a resnext_jax checkpoint: expected a training workdir, one of '
+          f'its checkpoint steps, or a converter output (with a {VARIABLES_ITEM}/ '
+          'folder). Convert PyTorch weights with '
+          '`python -m resnext_jax.convert --arch=ARCH --input=FILE --output=DIR`.')
+    restored = ocp.StandardCheckpointer().restore(os.path.join(step_dir, STATE_ITEM))
   return {'params': restored['params'], 'batch_stats': restored['batch_stats']}
+
+
+class TrainingCheckpoints:
+  """Saves and restores the train state with the input position, keeping the last few.
+
+  Saving is asynchronous: the step loop continues while Orbax writes. The state is
+  stored as a nested dict (`flax.serialization.to_state_dict`) so that the files do
+  not depend on Python class names.
+  """
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 3):
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                             enable_async_checkpointing=True),
+        item_names=(STATE_ITEM, DATA_ITEM))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_position: dict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+        DATA_ITEM: ocp.args.JsonSave(data_position)}), force=True)
+
+  def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
+    """Restores into the structure, dtypes and shardings of `target_state`."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            flax.serialization.to_state_dict(target_state))
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract),
+        DATA_ITEM: ocp.args.JsonRestore()}))
+    state = flax.serialization.from_state_dict(target_state, restored[STATE_ITEM])
+    return state, restored[DATA_ITEM]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

@@ -63,6 +63,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   metrics = {
       'loss': loss,
       'top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      'grad_norm': optax.tree.norm(grads),  # the trainer stops on a non-finite value
   }
   if learning_rate_fn is not None:
     metrics['learning_rate'] = learning_rate_fn(state.step)

@@ -9,3 +9,12 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# torchvision (through triton) crashes the process when it is imported after TensorFlow
+# (both bring their own LLVM); imported first, both work. The library itself never needs
+# the two together: the converter's torch.load does not load triton.
+try:
+  import torch  # pylint: disable=unused-import
+  import torchvision  # pylint: disable=unused-import
+except ImportError:  # the parity tests then fail with a clear import error of their own
+  pass
