@@ -1,11 +1,15 @@
 """Trains or evaluates a ResNeXt: python train.py --config=configs/quickstart.py --workdir=DIR.
 
 Every field of the config can be overridden on the command line (--config.batch_size=64).
-Rerunning the same command resumes from the latest checkpoint in DIR.
+Rerunning the same command resumes from the latest checkpoint in DIR. On several hosts
+(a TPU pod slice, a GPU cluster) run the same command on every host with --distributed,
+or name the coordinator yourself with --coordinator_address, --num_processes and
+--process_id.
 """
 
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -15,12 +19,23 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.jsonl.')
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize() with the cluster auto-detected '
+                  '(TPU pod slices, SLURM, Open MPI, Kubernetes).')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for multi-process runs without auto-detection.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process\' index (with --coordinator_address).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
   try:
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, checkpoints.CheckpointError,

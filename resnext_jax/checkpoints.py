@@ -21,6 +21,7 @@ from typing import Any
 
 import flax
 import jax
+from etils import epath
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -88,6 +89,13 @@ def _latest_step_dir(checkpoints_dir: str) -> str | None:
   return os.path.join(checkpoints_dir, str(max(steps))) if steps else None
 
 
+def _restore_as_numpy(item_dir: str) -> dict:
+  """Restores host numpy arrays, whatever devices or processes wrote the checkpoint."""
+  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)).tree
+  target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)
+  return ocp.StandardCheckpointer().restore(item_dir, target)
+
+
 def load_variables(path: str) -> dict:
   """Reads `{'params', 'batch_stats'}` (numpy arrays) from any checkpoint we write.
 
@@ -98,7 +106,7 @@ def load_variables(path: str) -> dict:
   if not os.path.exists(path):
     raise CheckpointError(f'No checkpoint at {path}: the path does not exist.')
   if os.path.isdir(os.path.join(path, VARIABLES_ITEM)):
-    restored = ocp.StandardCheckpointer().restore(os.path.join(path, VARIABLES_ITEM))
+    restored = _restore_as_numpy(os.path.join(path, VARIABLES_ITEM))
   else:
     step_dir = path if os.path.isdir(os.path.join(path, STATE_ITEM)) else None
     for candidate in (os.path.join(path, CHECKPOINTS_DIR), path):
@@ -110,7 +118,7 @@ def load_variables(path: str) -> dict:
           f'its checkpoint steps, or a converter output (with a {VARIABLES_ITEM}/ '
           'folder). Convert PyTorch weights with '
           '`python -m resnext_jax.convert --arch=ARCH --input=FILE --output=DIR`.')
-    restored = ocp.StandardCheckpointer().restore(os.path.join(step_dir, STATE_ITEM))
+    restored = _restore_as_numpy(os.path.join(step_dir, STATE_ITEM))
   return {'params': restored['params'], 'batch_stats': restored['batch_stats']}
 
 

@@ -252,8 +252,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = derive_schedule(config, info.num_train_examples)
   learning_rate_fn = create_learning_rate_fn(config, schedule)
   tx = create_optimizer(config, learning_rate_fn)
-  logging.info('Model %s (%s classes, %s compute, conv_impl=%s) on %d devices; %s',
-               config.arch, num_classes, config.dtype, config.conv_impl,
+  overrides = f' with {config.model.to_dict()}' if config.model else ''
+  logging.info('Model %s%s (%s classes, %s compute, conv_impl=%s) on %d devices; %s',
+               config.arch, overrides, num_classes, config.dtype, config.conv_impl,
                mesh.devices.size, schedule)
   _write_config(config, workdir)
 
@@ -281,6 +282,7 @@ def _restore_or_create(config, model, tx, ckpts, mesh):
     variables = jax.device_get(
         init_variables(model, jax.random.PRNGKey(config.seed), config.image_size))
   state = put_replicated(steps.create_train_state(variables, tx), sharding.replicated(mesh))
+  logging.info('%s parameters.', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
   if step is None:
     return state, None
   try:
