@@ -8,8 +8,8 @@ Reproduces mmcls `resnext50-32x4d_8xb32_in1k`: SGD momentum 0.9, lr 0.1 per 256 
 (scaled linearly with batch_size), weight decay 1e-4 on every parameter, 100 epochs,
 lr x0.1 at epochs 30/60/90, batch 256, 224 crops.
 Expected: 77.90 top-1 / 93.66 top-5 (mmcls' result).
-Cost: 100 epochs of 4.27 GMACs/image (about 1.3 exaFLOP of training); on 8 A100s at
-~1,000 img/s each, about 4.5 hours.
+Cost: 100 epochs x 1.28M images x 4.27 GMACs forward (about 3.3e18 FLOPs with the
+backward pass); at ~1,000 img/s per GPU (bfloat16), about 4.5 hours on 8 GPUs.
 Data: ImageNet-1k through tfds' imagenet2012 builder; put ILSVRC2012_img_train.tar and
 ILSVRC2012_img_val.tar in manual_dir and the first run prepares it (see README).
 """
