@@ -1,0 +1,181 @@
+"""Every convolution implementation computes what XLA's reference computes.
+
+Outputs and both gradients, under jit, grad, remat and sharding over 8 devices, for every
+kind of convolution a ResNeXt has; then whole tiny ResNeXts.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnext_jax import grouped_conv
+from resnext_jax import models
+
+FAST_IMPLS = [name for name in grouped_conv.IMPLEMENTATIONS if name != 'xla']
+
+# (input NHWC, kernel size, stride, groups, output channels).
+CASES = {
+    'width4': ((2, 9, 9, 16), 3, 1, 4, 16),
+    'width4_stride2_odd': ((2, 9, 9, 16), 3, 2, 4, 16),
+    'width8': ((2, 8, 8, 32), 3, 1, 4, 32),
+    'width8_stride2_nonsquare': ((3, 8, 6, 32), 3, 2, 4, 32),
+    'width2': ((2, 6, 6, 8), 3, 1, 4, 8),
+    'width16': ((2, 6, 6, 64), 3, 1, 4, 64),
+    'width32_stride2': ((2, 7, 7, 64), 3, 2, 2, 64),
+    'pointwise': ((2, 8, 8, 16), 1, 1, 1, 24),
+    'pointwise_stride2_odd': ((2, 9, 9, 16), 1, 2, 1, 24),
+    'stem': ((2, 15, 15, 3), 7, 2, 1, 8),
+}
+
+
+def conv_fn(impl, case):
+  _, k, stride, groups, _ = case
+  pad = k // 2
+
+  def conv(x, kernel):
+    return grouped_conv.conv2d(x, kernel, strides=(stride, stride),
+                               padding=((pad, pad), (pad, pad)), groups=groups, impl=impl)
+
+  return conv
+
+
+def make_inputs(case, dtype=jnp.float32, batch=None):
+  shape, k, _, groups, out_channels = case
+  if batch:
+    shape = (batch,) + shape[1:]
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(shape, np.float32)
+  kernel = rng.standard_normal((k, k, shape[-1] // groups, out_channels), np.float32)
+  out_shape = jax.eval_shape(conv_fn('xla', case), x, kernel).shape
+  dy = rng.standard_normal(out_shape, np.float32)
+  return tuple(jnp.asarray(a, dtype) for a in (x, kernel, dy))
+
+
+def outputs_and_grads(conv):
+  """jit(x, kernel, dy -> (y, dx, dkernel))."""
+
+  def fn(x, kernel, dy):
+    y, vjp = jax.vjp(conv, x, kernel)
+    return (y,) + vjp(dy)
+
+  return jax.jit(fn)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def assert_close(got, want, tol):
+  for name, g, w in zip(('output', 'input grad', 'kernel grad'), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, g.dtype, w.dtype)
+    assert rel_err(g, w) <= tol, (name, rel_err(g, w))
+
+
+@pytest.mark.parametrize('case', CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize('impl', FAST_IMPLS)
+def test_matches_xla_float32(impl, case):
+  args = make_inputs(case)
+  assert_close(outputs_and_grads(conv_fn(impl, case))(*args),
+               outputs_and_grads(conv_fn('xla', case))(*args), 1e-5)
+
+
+@pytest.mark.parametrize('case', [CASES['width4_stride2_odd'], CASES['width8'],
+                                  CASES['width16'], CASES['pointwise_stride2_odd']],
+                         ids=['width4_stride2_odd', 'width8', 'width16',
+                              'pointwise_stride2_odd'])
+@pytest.mark.parametrize('impl', FAST_IMPLS)
+def test_matches_xla_bfloat16(impl, case):
+  # Both round to bfloat16 (8 significant bits) at different points: a few ulps apart.
+  args = make_inputs(case, jnp.bfloat16)
+  assert_close(outputs_and_grads(conv_fn(impl, case))(*args),
+               outputs_and_grads(conv_fn('xla', case))(*args), 3e-2)
+
+
+def loss_and_grads(conv):
+  """x, kernel, r -> grad of sum(conv(x, kernel) * r) with respect to x and kernel."""
+  return jax.grad(lambda x, kernel, r: jnp.sum(conv(x, kernel) * r), argnums=(0, 1))
+
+
+@pytest.mark.parametrize('case_name', ['width4_stride2_odd', 'width8', 'width16',
+                                       'pointwise_stride2_odd', 'stem'])
+@pytest.mark.parametrize('impl', FAST_IMPLS)
+def test_sharded_over_8_devices(impl, case_name):
+  assert jax.device_count() == 8, 'run through the test suite (tests/conftest.py)'
+  case = CASES[case_name]
+  x, kernel, r = make_inputs(case, batch=8)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharded = jax.jit(loss_and_grads(conv_fn(impl, case)),
+                    in_shardings=(by_batch, replicated, by_batch),
+                    out_shardings=(by_batch, replicated))
+  got = sharded(x, kernel, r)
+  want = jax.jit(loss_and_grads(conv_fn('xla', case)))(x, kernel, r)
+  assert got[0].sharding.is_equivalent_to(by_batch, x.ndim)
+  for g, w in zip(got, want):
+    assert rel_err(g, w) <= 1e-5
+
+
+@pytest.mark.parametrize('case_name', ['width4_stride2_odd', 'width16', 'pointwise'])
+@pytest.mark.parametrize('impl', FAST_IMPLS)
+def test_under_remat(impl, case_name):
+  case = CASES[case_name]
+  x, kernel, r = make_inputs(case)
+  got = jax.jit(loss_and_grads(jax.checkpoint(conv_fn(impl, case))))(x, kernel, r)
+  want = jax.jit(loss_and_grads(conv_fn('xla', case)))(x, kernel, r)
+  for g, w in zip(got, want):
+    assert rel_err(g, w) <= 1e-5
+
+
+def test_auto_picks_per_backend_and_names_are_checked():
+  assert grouped_conv.resolve_impl('auto') == grouped_conv.AUTO_IMPL[jax.default_backend()]
+  for name in grouped_conv.IMPLEMENTATIONS:
+    assert grouped_conv.resolve_impl(name) == name
+  with pytest.raises(ValueError, match="Unknown conv_impl 'cudnn'.*'xla'"):
+    grouped_conv.resolve_impl('cudnn')
+
+
+# Tiny ResNeXts: group widths 2, 4, 8 (all on the multiply-add path) and 8, 16, 32
+# (both paths), with a strided grouped conv and a strided shortcut in every later stage.
+TINY = {'width2': dict(cardinality=4, width_per_group=2),
+        'width8': dict(cardinality=2, width_per_group=8)}
+
+
+@pytest.mark.parametrize('widths', TINY.values(), ids=TINY.keys())
+@pytest.mark.parametrize('impl', FAST_IMPLS + ['auto'])
+def test_tiny_resnext_same_params_logits_and_grads(impl, widths):
+  def build(conv_impl):
+    # zero_init_residual=False, so that every conv contributes to the logits.
+    return models.ResNeXt(stage_sizes=(1, 1, 1), base_planes=8, num_classes=10,
+                          zero_init_residual=False, conv_impl=conv_impl, **widths)
+
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  labels = jnp.array([3, 7])
+
+  def loss_logits_grads(model, variables):
+    def loss_fn(params):
+      logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                              images, train=True, mutable=['batch_stats'])
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels]), logits
+    (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
+    eval_logits = model.apply(variables, images, train=False)
+    return logits, eval_logits, grads
+
+  results = {}
+  for name in ('xla', impl):
+    model = build(name)
+    variables = models.init_variables(model, jax.random.key(0), image_size=32)
+    results[name] = variables, jax.jit(lambda v, m=model: loss_logits_grads(m, v))(variables)
+
+  (ref_vars, (ref_logits, ref_eval, ref_grads)) = results['xla']
+  (variables, (logits, eval_logits, grads)) = results[impl]
+  assert (jax.tree.map(lambda a: (a.shape, a.dtype), variables) ==
+          jax.tree.map(lambda a: (a.shape, a.dtype), ref_vars))
+  jax.tree.map(np.testing.assert_array_equal, variables, ref_vars)
+  assert rel_err(logits, ref_logits) <= 1e-4
+  assert rel_err(eval_logits, ref_eval) <= 1e-4
+  leaves, ref_leaves = jax.tree.leaves(grads), jax.tree.leaves(ref_grads)
+  assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+  assert max(rel_err(g, r) for g, r in zip(leaves, ref_leaves)) <= 1e-4
