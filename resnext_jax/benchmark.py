@@ -1,0 +1,158 @@
+"""Times the trainer's own train (or eval) step on synthetic data already on the device.
+
+    python -m resnext_jax.benchmark --arch=resnext50_32x4d --batch_size=16 --mode=train
+
+The step is `steps.train_step` / `steps.eval_step`, jitted as the trainer jits them (the
+state donated) with SGD + momentum + weight decay as in the recipe, BatchNorm in train
+mode. The batch is split over all local devices. Reported: compile time, the median (and
+min / max) of the timed steps, the model's FLOPs per step from XLA's cost analysis of the
+step built with `conv_impl='xla'` (so every implementation is credited with the same
+work; a `fori_loop` would otherwise be counted once), the FLOP/s that makes, and MFU
+where the device's peak is in `PEAK_FLOPS`. The last line is `images_per_sec=<float>`.
+
+Imports only jax, flax, optax, numpy and this package's model code (no TensorFlow), so it
+runs wherever JAX does.
+"""
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from resnext_jax import grouped_conv
+from resnext_jax import models
+from resnext_jax import steps
+
+# Dense peak FLOP/s per device (tensor cores; float32 means TF32, which XLA uses for
+# float32 convolutions and matmuls on these GPUs by default). Matched against
+# `device_kind` by substring, first match wins.
+PEAK_FLOPS = (
+    ('H200', {'bfloat16': 989e12, 'float32': 494e12}),
+    ('H100 PCIe', {'bfloat16': 756e12, 'float32': 378e12}),
+    ('H100', {'bfloat16': 989e12, 'float32': 494e12}),
+    ('A100', {'bfloat16': 312e12, 'float32': 156e12}),
+    ('TPU v4', {'bfloat16': 275e12}),
+    ('TPU v5 lite', {'bfloat16': 197e12}),
+    ('TPU v5e', {'bfloat16': 197e12}),
+    ('TPU v5p', {'bfloat16': 459e12}),
+    ('TPU v6', {'bfloat16': 918e12}),
+)
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--arch', default='resnext50_32x4d', choices=sorted(models.ARCHS))
+  parser.add_argument('--batch_size', type=int, default=16, help='global batch size')
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--num_classes', type=int, default=1000)
+  parser.add_argument('--mode', default='train', choices=('train', 'eval'))
+  parser.add_argument('--steps', type=int, default=5, help='timed steps')
+  parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
+  parser.add_argument('--conv_impl', default='auto',
+                      choices=['auto'] + sorted(grouped_conv.IMPLEMENTATIONS))
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  return parser.parse_args(argv)
+
+
+def peak_flops(device, dtype: str):
+  """The device's dense peak for `dtype`, or None where it is not known (e.g. CPUs)."""
+  for key, peaks in PEAK_FLOPS:
+    if key in device.device_kind:
+      return peaks.get(dtype)
+  return None
+
+
+def _step_functions(model, tx):
+  train = jax.jit(functools.partial(steps.train_step, model=model, tx=tx),
+                  donate_argnums=0)
+  evaluate = jax.jit(functools.partial(steps.eval_step, model=model))
+  return train, evaluate
+
+
+def model_flops(args, state, batch, tx) -> float:
+  """FLOPs of one step as XLA counts them for the reference implementation."""
+  model = models.create_model(args.arch, num_classes=args.num_classes,
+                              dtype=jnp.dtype(args.dtype), conv_impl='xla')
+  train, evaluate = _step_functions(model, tx)
+  fn = train if args.mode == 'train' else evaluate
+  cost = fn.lower(state, batch).cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get('flops', 0.0)) if cost else 0.0
+
+
+def main(argv=None) -> float:
+  args = parse_args(argv)
+  devices = jax.devices()
+  if args.batch_size % len(devices):
+    raise ValueError(f'--batch_size={args.batch_size} is not divisible by the '
+                     f'{len(devices)} devices.')
+  impl = grouped_conv.resolve_impl(args.conv_impl)
+  print(f'devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), '
+        f'jax {jax.__version__}')
+  print(f'arch={args.arch} mode={args.mode} batch_size={args.batch_size} '
+        f'image_size={args.image_size} dtype={args.dtype} conv_impl={args.conv_impl} '
+        f'(-> {impl})')
+
+  model = models.create_model(args.arch, num_classes=args.num_classes,
+                              dtype=jnp.dtype(args.dtype), conv_impl=impl)
+  variables = models.init_variables(model, jax.random.key(0), args.image_size)
+  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+  mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  data_sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  state = jax.device_put(steps.create_train_state(variables, tx), replicated)
+  rng = np.random.default_rng(0)
+  batch = jax.device_put({
+      'image': rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3),
+                            dtype=np.uint8),
+      'label': rng.integers(0, args.num_classes, (args.batch_size,), dtype=np.int32),
+  }, data_sharded)
+
+  flops = model_flops(args, state, batch, tx)
+  train, evaluate = _step_functions(model, tx)
+  fn = train if args.mode == 'train' else evaluate
+  start = time.perf_counter()
+  compiled = fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+
+  def run_step(state):
+    if args.mode == 'train':
+      state, metrics = compiled(state, batch)
+    else:
+      metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    return state
+
+  for _ in range(args.warmup):
+    state = run_step(state)
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    state = run_step(state)
+    times.append(time.perf_counter() - start)
+
+  step_s = statistics.median(times)
+  print(f'compile_s={compile_s:.1f}')
+  print(f'step_s median={step_s:.4f} min={min(times):.4f} max={max(times):.4f} '
+        f'(over {len(times)} steps)')
+  if flops:
+    achieved = flops / step_s
+    line = f'model_gflop_per_step={flops / 1e9:.1f} achieved_tflops={achieved / 1e12:.3f}'
+    peak = peak_flops(devices[0], args.dtype)
+    if peak:
+      line += f' mfu={achieved / (peak * len(devices)):.3f}'
+    print(line)
+  images_per_sec = args.batch_size / step_s
+  print(f'images_per_sec={images_per_sec:.2f}')
+  return images_per_sec
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
