@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from clu import metrics as clu_metrics
 
 from resnext_jax.models import normalize_images
 
@@ -72,20 +73,23 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
-  """Sums of loss, top-1 and top-5 hits over the real examples of a (padded) batch."""
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+  """Averages over the real (mask=True) examples; `merge` them across batches."""
+  loss: clu_metrics.Average.from_output('loss')
+  top1: clu_metrics.Average.from_output('top1')
+  top5: clu_metrics.Average.from_output('top5')
+
+
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> EvalMetrics:
+  """Loss, top-1 and top-5 of a (padded) batch, counting only examples with mask=True."""
   images = normalize_images(batch['image'], model.dtype)
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                        images, train=False)
   labels = batch['label']
-  mask = batch.get('mask', jnp.ones(labels.shape, bool)).astype(jnp.float32)
-  loss = cross_entropy(logits, labels, model.num_classes)
   top5 = jax.lax.top_k(logits, min(5, model.num_classes))[1]
-  hits5 = jnp.any(top5 == labels[:, None], axis=-1)
-  hits1 = jnp.argmax(logits, -1) == labels
-  return {
-      'loss_sum': jnp.sum(loss * mask),
-      'top1_sum': jnp.sum(hits1 * mask),
-      'top5_sum': jnp.sum(hits5 * mask),
-      'count': jnp.sum(mask),
-  }
+  return EvalMetrics.single_from_model_output(
+      loss=cross_entropy(logits, labels, model.num_classes),
+      top1=(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+      top5=jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32),
+      mask=batch.get('mask', jnp.ones(labels.shape, bool)))

@@ -168,14 +168,13 @@ def put_replicated(tree: Any, target: jax.sharding.Sharding) -> Any:
 def evaluate(eval_fn, state: steps.TrainState, config: ml_collections.ConfigDict,
              batch_sharding: jax.sharding.Sharding) -> dict[str, float]:
   """Loss, top-1 and top-5 over every example of config.eval_split, each counted once."""
-  totals = None
+  merged = None
   for local_batch in input_pipeline.create_eval_iterator(config):
-    sums = eval_fn(state, input_pipeline.make_global_batch(local_batch, batch_sharding))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.tree.map(float, jax.device_get(totals))
-  count = totals['count']
-  return {'eval_loss': totals['loss_sum'] / count, 'eval_top1': totals['top1_sum'] / count,
-          'eval_top5': totals['top5_sum'] / count, 'eval_count': count}
+    metrics = eval_fn(state, input_pipeline.make_global_batch(local_batch, batch_sharding))
+    merged = metrics if merged is None else merged.merge(metrics)
+  results = {f'eval_{name}': float(value) for name, value in merged.compute().items()}
+  results['eval_count'] = float(merged.loss.count)
+  return results
 
 
 # ----------------------------------------------------------------------------------------
@@ -212,7 +211,7 @@ class StopSignal:
 @dataclasses.dataclass
 class JittedSteps:
   train: Any  # (state, batch) -> (state, metrics); donates the state
-  eval: Any  # (state, batch) -> sums of loss, top-1, top-5 and count
+  eval: Any  # (state, batch) -> steps.EvalMetrics of the batch
 
 
 def jit_steps(model, tx, learning_rate_fn, config, mesh) -> JittedSteps:

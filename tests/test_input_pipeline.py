@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 
 import jax
 import ml_collections
@@ -21,6 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from resnext_jax import input_pipeline
+from tests import fake_data
 
 _STEP = 18  # Green levels of example k: 15 + 18 k; JPEG keeps them within a few levels.
 
@@ -300,35 +300,22 @@ def test_make_global_batch_shards_the_batch_axis():
 # --- tfds: ImageNet through tfds' own builder ---
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-  info = tarfile.TarInfo(name)
-  info.size = len(data)
-  tar.addfile(info, io.BytesIO(data))
-
-
 def test_imagenet2012_is_prepared_by_tfds_from_manual_tars(tmp_path):
   # The real builder's layout: a tar of per-synset tars, and a flat tar of validation JPEGs
   # whose labels tfds looks up by sorted file name in its validation_labels.txt.
   labels_dir = tfds.core.tfds_path('datasets/imagenet2012')
-  synsets = (labels_dir / 'labels.txt').read_text().split()
+  synsets = fake_data.imagenet_synsets()
   val_synsets = (labels_dir / 'validation_labels.txt').read_text().split()
   train_synsets = [synsets[0], synsets[7], synsets[999]]
   manual = tmp_path / 'manual'
-  os.makedirs(manual)
   expected = {}  # identity -> label
-  with tarfile.open(manual / 'ILSVRC2012_img_train.tar', 'w') as train_tar:
-    for s, synset in enumerate(train_synsets):
-      inner = io.BytesIO()
-      with tarfile.open(fileobj=inner, mode='w') as synset_tar:
-        for i in range(2):
-          k = 2 * s + i
-          _tar_member(synset_tar, f'{synset}_{i}.JPEG', _encode(_pixels(k, (50, 40))))
-          expected[k] = synsets.index(synset)
-      _tar_member(train_tar, f'{synset}.tar', inner.getvalue())
-  with tarfile.open(manual / 'ILSVRC2012_img_val.tar', 'w') as val_tar:
-    for i in range(3):
-      _tar_member(val_tar, f'ILSVRC2012_val_{i + 1:08d}.JPEG', _encode(_pixels(6 + i, (50, 40))))
-      expected[6 + i] = synsets.index(val_synsets[i])
+  train = {}
+  for s, synset in enumerate(train_synsets):
+    train[synset] = [_encode(_pixels(2 * s + i, (50, 40))) for i in range(2)]
+    expected.update({2 * s + i: synsets.index(synset) for i in range(2)})
+  validation = [_encode(_pixels(6 + i, (50, 40))) for i in range(3)]
+  expected.update({6 + i: synsets.index(val_synsets[i]) for i in range(3)})
+  fake_data.write_imagenet_tars(str(manual), train, validation)
 
   config = _config(tmp_path, dataset='imagenet2012', data_dir=str(tmp_path / 'tfds'),
                    manual_dir=str(manual), batch_size=6, eval_batch_size=2)

@@ -157,3 +157,21 @@ def test_eight_devices_train_like_one():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(state8.batch_stats), jax.tree.leaves(state1.batch_stats)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_metrics_count_only_real_examples():
+  model = ResNeXt(num_classes=5, **TINY)
+  variables = jax.device_get(init_variables(model, jax.random.PRNGKey(0), 32))
+  state = steps.create_train_state(variables, optax.sgd(0.1))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 5, (6,), dtype=np.int32)
+  real = steps.eval_step(state, {'image': images[:4], 'label': labels[:4]}, model=model)
+  padded = steps.eval_step(
+      state, {'image': np.concatenate([images[:4], 0 * images[4:]]), 'label': labels,
+              'mask': np.array([True] * 4 + [False] * 2)}, model=model)
+  assert float(padded.loss.count) == 4
+  for name, value in padded.compute().items():
+    np.testing.assert_allclose(value, real.compute()[name], rtol=1e-6)
+  merged = real.merge(padded)
+  assert float(merged.top1.count) == 8
