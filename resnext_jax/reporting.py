@@ -66,6 +66,7 @@ class ProgressLine:
     self._batch_size = batch_size
     self._last_step = start_step
     self._last_time = time.perf_counter()
+    self._measured = False
 
   def __call__(self, step: int, loss: float, learning_rate: float) -> str:
     now = time.perf_counter()
@@ -73,6 +74,9 @@ class ProgressLine:
     seconds_per_step = (now - self._last_time) / steps
     self._last_step, self._last_time = step, now
     images_per_sec = self._batch_size / seconds_per_step if seconds_per_step else 0.0
-    left = format_duration((self._total - step) * seconds_per_step)
+    # The first interval includes compilation, so it says nothing about the pace.
+    left = (f'{format_duration((self._total - step) * seconds_per_step)} left'
+            if self._measured else 'includes compilation')
+    self._measured = True
     return (f'step {step}/{self._total} | loss {loss:.4f} | lr {learning_rate:.4g} | '
-            f'{images_per_sec:.1f} img/s | {left} left')
+            f'{images_per_sec:.1f} img/s | {left}')
