@@ -1,24 +1,27 @@
-"""Runs our benchmark and the torchvision reference side by side and prints the ratios.
+"""Our step and torchvision's, timed in turns in one process, and the ratio of their speeds.
 
-    python benchmarks/compare_cpu.py --mode=train --batch_size=16 --rounds=3
+    python benchmarks/compare_cpu.py --mode=train --batch_size=16 --steps=7
 
-Each round runs `python -m resnext_jax.benchmark` and `benchmarks/torch_reference.py`
-one after the other (alternating which goes first), in fresh processes with the same
-flags, and reads their `images_per_sec=` lines. On a shared machine the load changes
-from minute to minute; taking the ratio within each round and the median over rounds
-keeps that noise out of the comparison. Extra flags after `--` go to our benchmark only
-(e.g. `-- --conv_impl=xla`).
+Builds `python -m resnext_jax.benchmark`'s step (compiled) and
+`benchmarks/torch_reference.py`'s step (warmed up) with the same flags, then times them
+in turns, alternating which goes first, and takes the speed ratio (ours / torch) of every
+adjacent pair. On a machine shared with other work the load changes from minute to
+minute; the median of the pair ratios keeps that out of the comparison far better than
+two separate runs would. Flags after `--` go to our benchmark only (e.g.
+`-- --conv_impl=xla`); both use every core this process may run on.
 """
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
+
+import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args(argv):
@@ -27,49 +30,45 @@ def parse_args(argv):
   parser.add_argument('--batch_size', type=int, default=16)
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--mode', default='train', choices=('train', 'eval'))
-  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--steps', type=int, default=7, help='timed pairs of steps')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed steps of each first')
   parser.add_argument('--dtype', default='float32')
-  parser.add_argument('--rounds', type=int, default=3)
-  parser.add_argument('--timeout', type=int, default=1800, help='seconds per run')
   args, ours_extra = parser.parse_known_args(argv)
-  return args, [a for a in ours_extra if a != '--']
-
-
-def images_per_sec(cmd, timeout):
-  """Runs `cmd`, echoes its summary lines and returns its images_per_sec."""
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env=dict(os.environ, PYTHONPATH=ROOT), check=False)
-  lines = out.stdout.strip().splitlines()
-  match = re.fullmatch(r'images_per_sec=([0-9.]+)', lines[-1]) if lines else None
-  if out.returncode or not match:
-    raise RuntimeError(f'{" ".join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}')
-  for line in lines:
-    if line.startswith(('compile_s', 'warmup_s', 'step_s')):
-      print('    ' + line)
-  return float(match.group(1))
-
-
-def main(argv=None):
-  args, ours_extra = parse_args(argv)
   common = [f'--arch={args.arch}', f'--batch_size={args.batch_size}',
             f'--image_size={args.image_size}', f'--mode={args.mode}',
-            f'--steps={args.steps}', f'--dtype={args.dtype}']
-  ours_cmd = [sys.executable, '-m', 'resnext_jax.benchmark'] + common + ours_extra
-  torch_cmd = [sys.executable, os.path.join(HERE, 'torch_reference.py')] + common
-  print('ours: ' + ' '.join(ours_cmd[1:]))
-  print('torch: ' + ' '.join(torch_cmd[1:]))
+            f'--dtype={args.dtype}']
+  ours_args = benchmark.parse_args(common + [a for a in ours_extra if a != '--'])
+  return args, ours_args, torch_reference.parse_args(common)
+
+
+def main(argv=None) -> float:
+  args, ours_args, torch_args = parse_args(argv)
+  run_torch = torch_reference.build_step(torch_args)
+  run_ours, flops, compile_s = benchmark.build_step(ours_args)
+  print(f'compile_s={compile_s:.1f}', flush=True)
+  for _ in range(args.warmup):
+    run_torch()
+    run_ours()
+  times = {'ours': [], 'torch': []}
   ratios = []
-  for i in range(args.rounds):
-    runs = {}
-    order = ('ours', 'torch') if i % 2 == 0 else ('torch', 'ours')
-    for name in order:
-      print(f'round {i + 1} {name} (load average {os.getloadavg()[0]:.1f})', flush=True)
-      runs[name] = images_per_sec(ours_cmd if name == 'ours' else torch_cmd, args.timeout)
-    ratios.append(runs['ours'] / runs['torch'])
-    print(f'round {i + 1}: ours {runs["ours"]:.2f} img/s, torch {runs["torch"]:.2f} img/s, '
-          f'ratio {ratios[-1]:.2f}', flush=True)
-  print(f'ratios: {" ".join(f"{r:.2f}" for r in ratios)}')
-  print(f'ratio_median={statistics.median(ratios):.3f}')
+  for i in range(args.steps):
+    order = (('ours', run_ours), ('torch', run_torch))
+    for name, run in (order if i % 2 == 0 else order[::-1]):
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+    ratios.append(times['torch'][-1] / times['ours'][-1])
+    print(f'pair {i + 1}: ours {times["ours"][-1]:.3f} s, torch {times["torch"][-1]:.3f} s, '
+          f'ratio {ratios[-1]:.2f} (load average {os.getloadavg()[0]:.1f})', flush=True)
+  for name, t in times.items():
+    print(f'{name}: step_s median={statistics.median(t):.4f} min={min(t):.4f} '
+          f'max={max(t):.4f}, images_per_sec={args.batch_size / statistics.median(t):.2f}')
+  benchmark.report_flops(flops, statistics.median(times['ours']), args.dtype)
+  ratio = statistics.median(ratios)
+  print(f'speed ratio ours/torch: median {ratio:.3f} over {len(ratios)} pairs '
+        f'(min {min(ratios):.3f}, max {max(ratios):.3f})')
+  print(f'ratio={ratio:.3f}')
+  return ratio
 
 
 if __name__ == '__main__':

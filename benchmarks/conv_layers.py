@@ -19,11 +19,13 @@ import sys
 import time
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from resnext_jax import grouped_conv
-from resnext_jax import models
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from resnext_jax import grouped_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 Layer = collections.namedtuple('Layer', 'x_shape k_shape strides padding groups')
 
@@ -59,7 +61,7 @@ def model_conv_layers(arch, batch_size, image_size):
         counts[Layer(tuple(eqn.invars[0].aval.shape), tuple(eqn.invars[1].aval.shape),
                      tuple(p['window_strides']), tuple(map(tuple, p['padding'])),
                      p['feature_group_count'])] += 1
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         visit(sub)
 
   visit(jaxpr.jaxpr)
@@ -82,9 +84,12 @@ def jax_candidates(layer, impl):
                                groups=layer.groups, impl=impl)
 
   def train(x, k, dy):
+    # The output is returned too, or XLA would drop the forward pass.
     if needs_dx:
-      return jax.vjp(conv, x, k)[1](dy)
-    return jax.vjp(lambda k: conv(x, k), k)[1](dy)
+      y, vjp = jax.vjp(conv, x, k)
+    else:
+      y, vjp = jax.vjp(lambda k: conv(x, k), k)
+    return (y,) + vjp(dy)
 
   return jax.jit(conv), jax.jit(train)
 

@@ -58,8 +58,8 @@ def build_model(arch: str, num_classes: int) -> torch.nn.Module:
       groups=groups, width_per_group=width)
 
 
-def main(argv=None) -> float:
-  args = parse_args(argv)
+def build_step(args):
+  """Builds the model, optimizer and batch; returns `run_step()`, one step to completion."""
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   if device.type == 'cpu':
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
@@ -116,6 +116,12 @@ def main(argv=None) -> float:
     else:
       out.item()
 
+  return run_step
+
+
+def main(argv=None) -> float:
+  args = parse_args(argv)
+  run_step = build_step(args)
   start = time.perf_counter()
   for _ in range(args.warmup):
     run_step()

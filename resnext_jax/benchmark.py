@@ -87,8 +87,13 @@ def model_flops(args, state, batch, tx) -> float:
   return float(cost.get('flops', 0.0)) if cost else 0.0
 
 
-def main(argv=None) -> float:
-  args = parse_args(argv)
+def build_step(args):
+  """Builds model, state and batch and compiles the step.
+
+  Returns `(run_step, flops, compile_s)`: `run_step()` runs one step to completion
+  (carrying the donated state from call to call), `flops` is the model's FLOPs per step
+  (0 if XLA does not say).
+  """
   devices = jax.devices()
   if args.batch_size % len(devices):
     raise ValueError(f'--batch_size={args.batch_size} is not divisible by the '
@@ -122,33 +127,44 @@ def main(argv=None) -> float:
   compiled = fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
 
-  def run_step(state):
+  def run_step():
+    nonlocal state
     if args.mode == 'train':
       state, metrics = compiled(state, batch)
     else:
       metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-    return state
 
+  return run_step, flops, compile_s
+
+
+def report_flops(flops: float, step_s: float, dtype: str):
+  if flops:
+    achieved = flops / step_s
+    line = f'model_gflop_per_step={flops / 1e9:.1f} achieved_tflops={achieved / 1e12:.3f}'
+    devices = jax.devices()
+    peak = peak_flops(devices[0], dtype)
+    if peak:
+      line += f' mfu={achieved / (peak * len(devices)):.3f}'
+    print(line)
+
+
+def main(argv=None) -> float:
+  args = parse_args(argv)
+  run_step, flops, compile_s = build_step(args)
   for _ in range(args.warmup):
-    state = run_step(state)
+    run_step()
   times = []
   for _ in range(args.steps):
     start = time.perf_counter()
-    state = run_step(state)
+    run_step()
     times.append(time.perf_counter() - start)
 
   step_s = statistics.median(times)
   print(f'compile_s={compile_s:.1f}')
   print(f'step_s median={step_s:.4f} min={min(times):.4f} max={max(times):.4f} '
         f'(over {len(times)} steps)')
-  if flops:
-    achieved = flops / step_s
-    line = f'model_gflop_per_step={flops / 1e9:.1f} achieved_tflops={achieved / 1e12:.3f}'
-    peak = peak_flops(devices[0], args.dtype)
-    if peak:
-      line += f' mfu={achieved / (peak * len(devices)):.3f}'
-    print(line)
+  report_flops(flops, step_s, args.dtype)
   images_per_sec = args.batch_size / step_s
   print(f'images_per_sec={images_per_sec:.2f}')
   return images_per_sec

@@ -3,36 +3,36 @@
 ResNeXt's aggregated transformation is a grouped 3x3 convolution. XLA's grouped
 convolution (`feature_group_count`) is correct everywhere but slow on some backends, so
 every convolution in the model goes through `conv2d`, and the implementation is chosen by
-name (`impl`). Every implementation takes the same HWIO kernel (the layout of
-`flax.linen.Conv`), so the parameter tree never depends on the implementation: a
-checkpoint written with one loads and runs with any other.
+name (`impl`, the model's `conv_impl`). Every implementation takes the same HWIO kernel
+(the layout of `flax.linen.Conv`), so the parameter tree never depends on the
+implementation: a checkpoint written with one loads and runs with any other.
 
 Implementations:
 
 * `'xla'`: `lax.conv_general_dilated` everywhere, the reference.
-* `'taps'`: every convolution written as a sum over its kernel taps of per-tap channel
-  contractions, in the forms XLA's CPU backend compiles well. 1x1 convolutions become
-  matmuls (a strided 1x1 one, a strided slice and a matmul). Grouped convolutions with
-  narrow groups (at most `MAX_TAPS_GROUP_WIDTH` channels, i.e. the first two stages of a
-  32x4d ResNeXt) become fused multiply-adds over taps and group width, summed as balanced
-  trees (a chain of dependent adds would leave the vector units waiting); their input
-  gradient is the same kind of sum, split into one phase per output position modulo the
-  stride so no work is spent on the zeros of a dilated gradient; and their weight
-  gradient, which XLA computes very slowly, accumulates the outer products of one output
-  row at a time in a `fori_loop`. Wider groups keep XLA's forward and input gradient,
-  which are fast there, and compute the weight gradient as a forward grouped convolution
-  of the input with the output gradient as its kernel. A `jax.custom_vjp` ties each
-  grouped convolution's three parts together; everything else is differentiated by JAX.
-* `'auto'`: the fastest measured implementation for the default backend (`AUTO_IMPL`).
+* `'taps'`: each kind of convolution in the form XLA's CPU backend runs fastest, with a
+  `jax.custom_vjp` wherever JAX's own derivative is slow there:
+  - 1x1 convolutions (strided ones after a strided slice) are matmuls, and so are both
+    their gradients (the kernel gradient as x^T dy, which needs no transposed copy);
+  - grouped convolutions with groups of at most `MAX_TAPS_GROUP_WIDTH` channels (the
+    first three stages of a 32x4d ResNeXt) are sums over taps and group width of
+    vectorised multiply-adds, added as balanced trees. The input gradient is the same
+    kind of sum, one per output phase (position modulo the stride) so that no work goes
+    into the zeros of a dilated gradient; the weight gradient accumulates the outer
+    products of one output row at a time in a `fori_loop`;
+  - wider groups keep XLA's forward and input gradient, and compute the weight gradient
+    as a forward grouped convolution with the output gradient as the kernel;
+  - other convolutions (the 7x7 stem) keep XLA's forward, and compute the weight
+    gradient as matmuls of input patches, a block of output rows at a time.
+* `'auto'`: the implementation measured fastest on the default backend (`AUTO_IMPL`).
 
-Measurements behind `AUTO_IMPL` (ResNeXt-50 32x4d, batch 16 at 224; the commands and the
-per-layer numbers are in benchmarks/README.md):
+`AUTO_IMPL`, per backend (the numbers and the commands behind them: README, "Speed"):
 
-| backend | choice  | why |
-|---------|---------|-----|
-| cpu     | 'taps'  | train step many times faster than 'xla', and faster than torchvision |
-| gpu     | 'xla'   | not measured yet (benchmarks/gpu.sh measures it); cuDNN is the default |
-| tpu     | 'xla'   | not measured; XLA's TPU convolutions handle groups natively |
+| backend | choice | why |
+|---------|--------|-----|
+| cpu     | 'taps' | ResNeXt-50 32x4d convolutions, forward + gradients at batch 16: 38x faster than 'xla' |
+| gpu     | 'xla'  | cuDNN's grouped convolutions; not measured here yet (benchmarks/gpu.sh) |
+| tpu     | 'xla'  | not measured; XLA's TPU convolutions handle groups natively |
 """
 
 import functools
@@ -47,9 +47,11 @@ Padding = Sequence[tuple[int, int]]
 
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
-# Widest group (input channels per group) that the multiply-add path handles; wider
-# groups have enough work per group for XLA's own convolution to be fast.
-MAX_TAPS_GROUP_WIDTH = 8
+# Widest group (input channels per group) that takes the multiply-add path. Measured on
+# a 2-core CPU: at 16 channels it runs the forward and input gradient twice as fast as
+# XLA's convolution; at 32 XLA's forward is as fast and the loop's weight gradient 5x
+# slower than `_swapped_kernel_grad`.
+MAX_TAPS_GROUP_WIDTH = 16
 
 # Implementation that `'auto'` picks per backend (see the table in the module docstring).
 AUTO_IMPL = {'cpu': 'taps', 'gpu': 'xla', 'tpu': 'xla'}
@@ -91,11 +93,11 @@ def _strided_window(x, start_h, start_w, size_h, size_w, stride_h, stride_w):
 
 
 def _multiply_add(windows, weights):
-  """sum_t sum_i windows[t][..., g, i] * weights[t][g, i, o], as `[..., g, o]` float32.
+  """sum_t sum_i windows[t][..., g, i] * weights[t][g, i, o], as `[n, h, w, g, o]` float32.
 
   `windows[t]` is `[n, h, w, groups, width_in]` and `weights[t]` is
   `[groups, width_in, width_out]`; the products of one group width fit the vector
-  registers, so XLA fuses the whole sum into one loop over the output.
+  registers, so XLA fuses the sum into one loop over its output.
   """
   terms = []
   for window, weight in zip(windows, weights):
@@ -106,34 +108,25 @@ def _multiply_add(windows, weights):
   return _tree_sum(terms)
 
 
+def _stored(fn, *args):
+  """`fn(*args)`, computed once into a buffer of its own.
+
+  XLA would otherwise fuse a multiply-add sum into every consumer (recomputing it for
+  BatchNorm's backward pass, for example) and emit much slower code for the merged loop.
+  A conditional on a runtime predicate, with `fn` in both branches, is a boundary XLA
+  fuses across in neither direction, and the fusions inside its branches still run on
+  all threads (a loop body's in-place update would run on one). `fn` should return the
+  sum's own shape: a reshape at the root of its fusion makes XLA emit slow indexing.
+  """
+  probe = args[-1].reshape(-1)[0]
+  return lax.cond(jnp.isfinite(probe), fn, fn, *args)
+
+
 def _split_groups(kernel, groups):
   """HWIO kernel `[kh, kw, width_in, groups * width_out]` -> `[kh, kw, groups, in, out]`."""
   kh, kw, width_in, out_channels = kernel.shape
   return kernel.reshape(kh, kw, width_in, groups, out_channels // groups).transpose(
       0, 1, 3, 2, 4)
-
-
-def _block_rows(rows: int) -> int:
-  """Rows per iteration of `_loop_over_rows`: a divisor of `rows`, at least 4 iterations."""
-  return max(d for d in range(1, max(1, rows // 4) + 1) if rows % d == 0)
-
-
-def _loop_over_rows(block, rows):
-  """Stacks `block(first_row, num_rows)` (`[n, num_rows, ...]`) over all rows in a loop.
-
-  Computing the multiply-add sums block by block in a `fori_loop` keeps each one a
-  fusion of its own whose output is stored: left in the open, XLA fuses such a sum into
-  every consumer (recomputing it for BatchNorm's backward pass, for example) and emits
-  much slower code for the merged loop.
-  """
-  size = _block_rows(rows)
-  shape = jax.eval_shape(lambda: block(0, size))
-  out = jnp.zeros(shape.shape[:1] + (rows,) + shape.shape[2:], shape.dtype)
-
-  def body(i, out):
-    return lax.dynamic_update_slice_in_dim(out, block(i * size, size), i * size, axis=1)
-
-  return lax.fori_loop(0, rows // size, body, out)
 
 
 def _taps_forward(x, kernel, strides, padding, groups):
@@ -143,18 +136,16 @@ def _taps_forward(x, kernel, strides, padding, groups):
   sh, sw = strides
   ho = _output_size(h, kh, sh, padding[0])
   wo = _output_size(w, kw, sw, padding[1])
-  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))).reshape(
-      n, h + sum(padding[0]), w + sum(padding[1]), groups, width_in)
-  k = _split_groups(kernel, groups)
+  taps = [(dh, dw) for dh in range(kh) for dw in range(kw)]
 
-  def block(first, rows):
-    slab = lax.dynamic_slice_in_dim(xp, sh * first, sh * (rows - 1) + kh, axis=1)
-    windows = [_strided_window(slab, dh, dw, rows, wo, sh, sw)
-               for dh in range(kh) for dw in range(kw)]
-    return _multiply_add(windows, [k[dh, dw] for dh in range(kh) for dw in range(kw)])
+  def compute(x, kernel):
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))).reshape(
+        n, h + sum(padding[0]), w + sum(padding[1]), groups, width_in)
+    k = _split_groups(kernel, groups)
+    return _multiply_add([_strided_window(xp, dh, dw, ho, wo, sh, sw) for dh, dw in taps],
+                         [k[dh, dw] for dh, dw in taps]).astype(x.dtype)
 
-  out = _loop_over_rows(block, ho)
-  return out.reshape(n, ho, wo, out_channels).astype(x.dtype)
+  return _stored(compute, x, kernel).reshape(n, ho, wo, out_channels)
 
 
 def _taps_input_grad(dy, kernel, x_shape, strides, padding, groups):
@@ -168,8 +159,6 @@ def _taps_input_grad(dy, kernel, x_shape, strides, padding, groups):
   kh, kw, width_in, out_channels = kernel.shape
   ho, wo = dy.shape[1:3]
   sh, sw = strides
-  k = _split_groups(kernel, groups).swapaxes(-1, -2)  # [kh, kw, g, out, in]
-  dy = dy.reshape(n, ho, wo, groups, out_channels // groups)
   phase_h, phase_w = -(-h // sh), -(-w // sw)
 
   def phase_taps(a, stride, pad, k_size):
@@ -178,30 +167,30 @@ def _taps_input_grad(dy, kernel, x_shape, strides, padding, groups):
 
   def phase(taps_h, taps_w):
     if not taps_h or not taps_w:
-      return jnp.zeros((n, phase_h, phase_w, groups, width_in), jnp.float32)
+      return jnp.zeros((n, phase_h, phase_w, groups * width_in), jnp.float32)
     # Pad dy so that every tap's window of phase positions stays inside.
     lo_h = max(0, -min(o for _, o in taps_h))
     hi_h = max(0, phase_h - 1 + max(o for _, o in taps_h) - (ho - 1))
     lo_w = max(0, -min(o for _, o in taps_w))
     hi_w = max(0, phase_w - 1 + max(o for _, o in taps_w) - (wo - 1))
-    dyp = jnp.pad(dy, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0), (0, 0)))
-    span = max(o for _, o in taps_h) + lo_h
 
-    def block(first, rows):
-      slab = lax.dynamic_slice_in_dim(dyp, first, rows + span, axis=1)
+    def compute(dy, kernel):
+      dyp = jnp.pad(dy.reshape(n, ho, wo, groups, out_channels // groups),
+                    ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0), (0, 0)))
+      k = _split_groups(kernel, groups).swapaxes(-1, -2)  # [kh, kw, g, out, in]
       windows, weights = [], []
       for dh, oh in taps_h:
         for dw, ow in taps_w:
-          windows.append(_strided_window(slab, oh + lo_h, ow + lo_w, rows, phase_w, 1, 1))
+          windows.append(_strided_window(dyp, oh + lo_h, ow + lo_w, phase_h, phase_w, 1, 1))
           weights.append(k[dh, dw])
       return _multiply_add(windows, weights)
 
-    return _loop_over_rows(block, phase_h)
+    return _stored(compute, dy, kernel).reshape(n, phase_h, phase_w, -1)
 
   dx = jnp.stack([
       jnp.stack([phase(phase_taps(a, sh, padding[0][0], kh),
                        phase_taps(b, sw, padding[1][0], kw)) for b in range(sw)], axis=3)
-      for a in range(sh)], axis=2)  # [n, phase_h, sh, phase_w, sw, g, in]
+      for a in range(sh)], axis=2)  # [n, phase_h, sh, phase_w, sw, channels]
   return dx.reshape(n, phase_h * sh, phase_w * sw, -1)[:, :h, :w]
 
 
@@ -290,12 +279,89 @@ def _grouped_conv_bwd(strides, padding, groups, residuals, dy):
 _grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
 
 
+def _im2col_kernel_grad(x, dy, kernel_shape, strides, padding):
+  """Weight gradient of a dense convolution (the stem) as matmuls over row blocks.
+
+  For each block of output rows, the input patches `[pixels, kh * kw * in]` are gathered
+  and multiplied with the output gradient `[pixels, out]`; the block's patches fit in
+  cache, the matmul is XLA's fast kind. XLA's own weight gradient of the 7x7 stem is a
+  convolution with a 112x112 window, several times slower.
+  """
+  n = x.shape[0]
+  kh, kw, in_channels, out_channels = kernel_shape
+  ho, wo = dy.shape[1:3]
+  sh, sw = strides
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  size = max(d for d in range(1, max(1, ho // 8) + 1) if ho % d == 0)
+
+  def body(i, acc):
+    slab = lax.dynamic_slice_in_dim(xp, sh * size * i, sh * (size - 1) + kh, axis=1)
+    patches = jnp.stack([_strided_window(slab, dh, dw, size, wo, sh, sw)
+                         for dh in range(kh) for dw in range(kw)], axis=3)
+    dy_block = lax.dynamic_slice_in_dim(dy, size * i, size, axis=1)
+    return acc + lax.dot_general(
+        patches.reshape(n * size * wo, -1), dy_block.reshape(n * size * wo, -1),
+        (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+  acc = jnp.zeros((kh * kw * in_channels, out_channels), jnp.float32)
+  return lax.fori_loop(0, ho // size, body, acc).reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_conv(x, kernel, strides, padding):
+  return _conv_xla(x, kernel, strides, padding, 1)
+
+
+def _dense_conv_fwd(x, kernel, strides, padding):
+  return _dense_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _dense_conv_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x: _conv_xla(x, kernel, strides, padding, 1), x)
+  dx, = input_vjp(dy)
+  dk = _im2col_kernel_grad(x, dy, kernel.shape, strides, padding)
+  return dx, dk.astype(kernel.dtype)
+
+
+_dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _pointwise(x, kernel, strides):
   """A 1x1 convolution as a strided slice and a matmul (XLA CPU's fastest contraction)."""
   sh, sw = strides
-  if (sh, sw) != (1, 1):
-    x = x[:, ::sh, ::sw]
-  return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+  return lax.dot_general(x[:, ::sh, ::sw], kernel[0, 0], (((3,), (0,)), ((), ())))
+
+
+def _pointwise_fwd(x, kernel, strides):
+  return _pointwise(x, kernel, strides), (x, kernel)
+
+
+def _pointwise_bwd(strides, residuals, dy):
+  """Both gradients as plain matmuls over the pixels.
+
+  JAX's own transpose of the forward matmul computes the kernel gradient transposed
+  (dy^T x, then a transpose), which XLA turns into a transposed copy of dy fused into
+  its producer: far slower than the matmul itself. x^T dy needs no transpose at all.
+  """
+  x, kernel = residuals
+  sh, sw = strides
+  xs = x[:, ::sh, ::sw]
+  # Over one flattened pixel axis: with three contracting axes XLA canonicalizes the
+  # matmul into a transposed copy again.
+  dk = lax.dot_general(xs.reshape(-1, xs.shape[-1]), dy.reshape(-1, dy.shape[-1]),
+                       (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  dxs = lax.dot_general(dy, kernel[0, 0], (((3,), (1,)), ((), ())))
+  # Scatter back to the strided positions (a no-op at stride 1).
+  n, h, w, _ = x.shape
+  dx = lax.pad(dxs, jnp.zeros((), dxs.dtype),
+               ((0, 0, 0), (0, h - (dxs.shape[1] - 1) * sh - 1, sh - 1),
+                (0, w - (dxs.shape[2] - 1) * sw - 1, sw - 1), (0, 0, 0)))
+  return dx.astype(x.dtype), dk[None, None].astype(kernel.dtype)
+
+
+_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def _conv_taps(x, kernel, strides, padding, groups):
@@ -305,7 +371,7 @@ def _conv_taps(x, kernel, strides, padding, groups):
     return _pointwise(x, kernel, strides)
   if groups > 1:
     return _grouped_conv(x, kernel, strides, padding, groups)
-  return _conv_xla(x, kernel, strides, padding, groups)
+  return _dense_conv(x, kernel, strides, padding)
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
