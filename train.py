@@ -9,11 +9,16 @@ or name the coordinator yourself with --coordinator_address, --num_processes and
 
 import sys
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from resnext_jax import host_memory
 
-from resnext_jax import checkpoints, trainer
+# Before JAX and TensorFlow start their threads (see host_memory.py).
+host_memory.reuse_freed_memory()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from resnext_jax import checkpoints, trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',

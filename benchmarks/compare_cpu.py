@@ -8,7 +8,9 @@ in turns, alternating which goes first, and takes the speed ratio (ours / torch)
 adjacent pair. On a machine shared with other work the load changes from minute to
 minute; the median of the pair ratios keeps that out of the comparison far better than
 two separate runs would. Flags after `--` go to our benchmark only (e.g.
-`-- --conv_impl=xla`); both use every core this process may run on.
+`-- --conv_impl=xla`); both use every core this process may run on, and both run with
+the C allocator configured as train.py configures it (resnext_jax/host_memory.py; one
+process has one allocator), unless `-- --no-reuse_freed_memory`.
 """
 
 import argparse
@@ -22,6 +24,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from resnext_jax import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args(argv):
@@ -43,6 +46,9 @@ def parse_args(argv):
 
 def main(argv=None) -> float:
   args, ours_args, torch_args = parse_args(argv)
+  if ours_args.reuse_freed_memory:
+    # One process, one C allocator: both frameworks run with train.py's setting.
+    host_memory.reuse_freed_memory()
   run_torch = torch_reference.build_step(torch_args)
   run_ours, flops, compile_s = benchmark.build_step(ours_args)
   print(f'compile_s={compile_s:.1f}', flush=True)

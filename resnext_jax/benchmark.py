@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from resnext_jax import grouped_conv
+from resnext_jax import host_memory
 from resnext_jax import models
 from resnext_jax import steps
 
@@ -57,6 +58,9 @@ def parse_args(argv):
   parser.add_argument('--conv_impl', default='auto',
                       choices=['auto'] + sorted(grouped_conv.IMPLEMENTATIONS))
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--reuse_freed_memory', default=True,
+                      action=argparse.BooleanOptionalAction,
+                      help='configure the C allocator as train.py does (host_memory.py)')
   return parser.parse_args(argv)
 
 
@@ -151,6 +155,8 @@ def report_flops(flops: float, step_s: float, dtype: str):
 
 def main(argv=None) -> float:
   args = parse_args(argv)
+  if args.reuse_freed_memory:
+    host_memory.reuse_freed_memory()
   run_step, flops, compile_s = build_step(args)
   for _ in range(args.warmup):
     run_step()

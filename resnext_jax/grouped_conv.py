@@ -18,12 +18,16 @@ Implementations:
     first three stages of a 32x4d ResNeXt) are sums over taps and group width of
     vectorised multiply-adds, added as balanced trees. The input gradient is the same
     kind of sum, one per output phase (position modulo the stride) so that no work goes
-    into the zeros of a dilated gradient; the weight gradient accumulates the outer
-    products of one output row at a time in a `fori_loop`;
+    into the zeros of a dilated gradient. The weight gradient loops over output rows
+    in a `fori_loop`, accumulating outer products (groups of <= 8 channels) or
+    per-row contractions over batch and columns (16);
   - wider groups keep XLA's forward and input gradient, and compute the weight gradient
     as a forward grouped convolution with the output gradient as the kernel;
   - other convolutions (the 7x7 stem) keep XLA's forward, and compute the weight
-    gradient as matmuls of input patches, a block of output rows at a time.
+    gradient as matmuls of input patches, a block of output rows at a time;
+  - the weights of every multiply-add are rearranged once, outside the sums
+    (`_weights_by_group`).
+  The stem's max pool has a matching fast form (`pooling.py`).
 * `'auto'`: the implementation measured fastest on the default backend (`AUTO_IMPL`).
 
 `AUTO_IMPL`, per backend (the numbers and the commands behind them: README, "Speed"):
@@ -64,7 +68,7 @@ def _conv_xla(x, kernel, strides, padding, groups):
       dimension_numbers=_DIMENSIONS, feature_group_count=groups)
 
 
-def _tree_sum(terms):
+def tree_sum(terms):
   """Sums a list of arrays pairwise, so that the adds form a tree of logarithmic depth.
 
   XLA keeps the association order of floating-point adds; a left-to-right chain of n
@@ -77,11 +81,11 @@ def _tree_sum(terms):
   return terms[0]
 
 
-def _output_size(size, k, stride, pad):
+def output_size(size, k, stride, pad):
   return (size + pad[0] + pad[1] - k) // stride + 1
 
 
-def _strided_window(x, start_h, start_w, size_h, size_w, stride_h, stride_w):
+def strided_window(x, start_h, start_w, size_h, size_w, stride_h, stride_w):
   """x[:, start_h::stride_h, start_w::stride_w] with size_h x size_w positions."""
   n = x.shape[0]
   rest = x.shape[3:]
@@ -105,7 +109,7 @@ def _multiply_add(windows, weights):
     weight = weight.astype(jnp.float32)
     for i in range(window.shape[-1]):
       terms.append(window[..., i:i + 1] * weight[:, i, :])
-  return _tree_sum(terms)
+  return tree_sum(terms)
 
 
 def _stored(fn, *args):
@@ -122,11 +126,18 @@ def _stored(fn, *args):
   return lax.cond(jnp.isfinite(probe), fn, fn, *args)
 
 
-def _split_groups(kernel, groups):
-  """HWIO kernel `[kh, kw, width_in, groups * width_out]` -> `[kh, kw, groups, in, out]`."""
+def _weights_by_group(kernel, groups, transpose=False):
+  """HWIO kernel `[kh, kw, in, groups * out]` -> `[kh, kw, groups, in, out]`, materialised.
+
+  With `transpose`, `[kh, kw, groups, out, in]` (for the input gradient). The optimization
+  barrier keeps XLA from moving the transposition into the conditional of `_stored` and
+  fusing it into the multiply-adds, whose weight loads then become scattered: measured
+  2.5x slower for a 28x28x256 input gradient.
+  """
   kh, kw, width_in, out_channels = kernel.shape
-  return kernel.reshape(kh, kw, width_in, groups, out_channels // groups).transpose(
-      0, 1, 3, 2, 4)
+  k = kernel.reshape(kh, kw, width_in, groups, out_channels // groups).transpose(
+      (0, 1, 3, 4, 2) if transpose else (0, 1, 3, 2, 4))
+  return lax.optimization_barrier(k)
 
 
 def _taps_forward(x, kernel, strides, padding, groups):
@@ -134,18 +145,18 @@ def _taps_forward(x, kernel, strides, padding, groups):
   n, h, w, _ = x.shape
   kh, kw, width_in, out_channels = kernel.shape
   sh, sw = strides
-  ho = _output_size(h, kh, sh, padding[0])
-  wo = _output_size(w, kw, sw, padding[1])
+  ho = output_size(h, kh, sh, padding[0])
+  wo = output_size(w, kw, sw, padding[1])
   taps = [(dh, dw) for dh in range(kh) for dw in range(kw)]
 
-  def compute(x, kernel):
+  def compute(x, k):
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))).reshape(
         n, h + sum(padding[0]), w + sum(padding[1]), groups, width_in)
-    k = _split_groups(kernel, groups)
-    return _multiply_add([_strided_window(xp, dh, dw, ho, wo, sh, sw) for dh, dw in taps],
+    return _multiply_add([strided_window(xp, dh, dw, ho, wo, sh, sw) for dh, dw in taps],
                          [k[dh, dw] for dh, dw in taps]).astype(x.dtype)
 
-  return _stored(compute, x, kernel).reshape(n, ho, wo, out_channels)
+  return _stored(compute, x, _weights_by_group(kernel, groups)).reshape(
+      n, ho, wo, out_channels)
 
 
 def _taps_input_grad(dy, kernel, x_shape, strides, padding, groups):
@@ -160,6 +171,7 @@ def _taps_input_grad(dy, kernel, x_shape, strides, padding, groups):
   ho, wo = dy.shape[1:3]
   sh, sw = strides
   phase_h, phase_w = -(-h // sh), -(-w // sw)
+  k_transposed = _weights_by_group(kernel, groups, transpose=True)
 
   def phase_taps(a, stride, pad, k_size):
     return [(d, (a + pad - d) // stride) for d in range(k_size)
@@ -174,18 +186,17 @@ def _taps_input_grad(dy, kernel, x_shape, strides, padding, groups):
     lo_w = max(0, -min(o for _, o in taps_w))
     hi_w = max(0, phase_w - 1 + max(o for _, o in taps_w) - (wo - 1))
 
-    def compute(dy, kernel):
+    def compute(dy, k):
       dyp = jnp.pad(dy.reshape(n, ho, wo, groups, out_channels // groups),
                     ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0), (0, 0)))
-      k = _split_groups(kernel, groups).swapaxes(-1, -2)  # [kh, kw, g, out, in]
       windows, weights = [], []
       for dh, oh in taps_h:
         for dw, ow in taps_w:
-          windows.append(_strided_window(dyp, oh + lo_h, ow + lo_w, phase_h, phase_w, 1, 1))
+          windows.append(strided_window(dyp, oh + lo_h, ow + lo_w, phase_h, phase_w, 1, 1))
           weights.append(k[dh, dw])
       return _multiply_add(windows, weights)
 
-    return _stored(compute, dy, kernel).reshape(n, phase_h, phase_w, -1)
+    return _stored(compute, dy, k_transposed).reshape(n, phase_h, phase_w, -1)
 
   dx = jnp.stack([
       jnp.stack([phase(phase_taps(a, sh, padding[0][0], kh),
@@ -194,8 +205,8 @@ def _taps_input_grad(dy, kernel, x_shape, strides, padding, groups):
   return dx.reshape(n, phase_h * sh, phase_w * sw, -1)[:, :h, :w]
 
 
-def _taps_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
-  """Weight gradient of a narrow-group convolution, one output row per loop iteration.
+def _outer_product_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
+  """Weight gradient of a narrow-group (<= 8) convolution, one output row per iteration.
 
   Each iteration adds, for every tap row and column, the outer products of one output
   row's gradient with the matching input pixels, summed over the row as a tree: a fused
@@ -219,13 +230,47 @@ def _taps_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
       cols = lax.slice_in_dim(rows, dw, dw + sw * (wo - 1) + 1, sw, axis=2)
       terms = [cols[:, :, r, :, :, None] * dy_row[:, None, r, :, None, :]
                for r in range(wo)]
-      new_accs.append(acc + _tree_sum(terms))  # [n, kh, g, in, out]
+      new_accs.append(acc + tree_sum(terms))  # [n, kh, g, in, out]
     return tuple(new_accs)
 
   zeros = jnp.zeros((n, kh, groups, width_in, width_out), jnp.float32)
   accs = lax.fori_loop(0, ho, body, (zeros,) * kw)
   dk = jnp.stack([jnp.sum(acc, axis=0) for acc in accs], axis=1)  # [kh, kw, g, in, out]
   return dk.transpose(0, 1, 3, 2, 4).reshape(kernel_shape)
+
+
+def _row_contraction_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
+  """Weight gradient of a 16-wide-group convolution, one output row per loop iteration.
+
+  Each iteration contracts one output row's gradient with the matching input rows over
+  batch and columns (an einsum per kernel column, which XLA runs as a batched matmul
+  over groups). At 16 channels per group the matmuls are big enough to beat the
+  outer products of `_outer_product_kernel_grad` (35 ms against 61 ms for 14x14x512 at
+  batch 16); at 8 and fewer they are not (34 ms against 17 ms for 28x28x256). Summing the
+  batch inside the loop keeps the accumulator small.
+  """
+  n, h, w, _ = x.shape
+  kh, kw, width_in, out_channels = kernel_shape
+  width_out = out_channels // groups
+  ho, wo = dy.shape[1:3]
+  sh, sw = strides
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))).reshape(
+      n, h + sum(padding[0]), w + sum(padding[1]), groups, width_in)
+  dy = dy.reshape(n, ho, wo, groups, width_out)
+
+  def body(q, acc):
+    rows = lax.dynamic_slice_in_dim(xp, sh * q, kh, axis=1)
+    dy_row = lax.dynamic_index_in_dim(dy, q, axis=1, keepdims=False)
+    per_column = [
+        jnp.einsum('nkrgi,nrgo->kgio', lax.slice_in_dim(rows, dw, dw + sw * (wo - 1) + 1,
+                                                        sw, axis=2), dy_row,
+                   preferred_element_type=jnp.float32)
+        for dw in range(kw)]
+    return acc + jnp.stack(per_column, axis=1)
+
+  acc = lax.fori_loop(0, ho, body,
+                      jnp.zeros((kh, kw, groups, width_in, width_out), jnp.float32))
+  return acc.transpose(0, 1, 3, 2, 4).reshape(kernel_shape)
 
 
 def _swapped_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
@@ -268,7 +313,9 @@ def _grouped_conv_bwd(strides, padding, groups, residuals, dy):
   x, kernel = residuals
   if kernel.shape[2] <= MAX_TAPS_GROUP_WIDTH:
     dx = _taps_input_grad(dy, kernel, x.shape, strides, padding, groups)
-    dk = _taps_kernel_grad(x, dy, kernel.shape, strides, padding, groups)
+    kernel_grad = (_outer_product_kernel_grad if kernel.shape[2] <= 8
+                   else _row_contraction_kernel_grad)
+    dk = kernel_grad(x, dy, kernel.shape, strides, padding, groups)
   else:
     _, input_vjp = jax.vjp(lambda x: _conv_xla(x, kernel, strides, padding, groups), x)
     dx, = input_vjp(dy)
@@ -296,7 +343,7 @@ def _im2col_kernel_grad(x, dy, kernel_shape, strides, padding):
 
   def body(i, acc):
     slab = lax.dynamic_slice_in_dim(xp, sh * size * i, sh * (size - 1) + kh, axis=1)
-    patches = jnp.stack([_strided_window(slab, dh, dw, size, wo, sh, sw)
+    patches = jnp.stack([strided_window(slab, dh, dw, size, wo, sh, sw)
                          for dh in range(kh) for dw in range(kw)], axis=3)
     dy_block = lax.dynamic_slice_in_dim(dy, size * i, size, axis=1)
     return acc + lax.dot_general(

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnext_jax import pooling
 from resnext_jax.grouped_conv import Conv2D
 
 # ImageNet RGB statistics on the 0-255 scale, as mmcls and torchvision weights expect.
@@ -103,8 +104,9 @@ class ResNeXt(nn.Module):
 
   Stage i has `cardinality * width_per_group * 2**i` channels in its grouped conv and
   outputs `4 * base_planes * 2**i` channels (base_planes=64 for every published arch;
-  tests shrink it). `conv_impl` picks the convolution implementation (see
-  `grouped_conv.py`); it never changes the parameter tree.
+  tests shrink it). `conv_impl` picks the implementation of the convolutions and the
+  stem's max pool (see `grouped_conv.py`, `pooling.py`); it never changes the parameter
+  tree.
   """
   stage_sizes: Sequence[int]
   cardinality: int = 32
@@ -125,7 +127,8 @@ class ResNeXt(nn.Module):
                              dtype=self.dtype)
     x = conv(self.base_planes, 7, strides=2, name='conv1')(x)
     x = nn.relu(norm(name='bn1')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = pooling.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                         impl=self.conv_impl)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         x = Bottleneck(

@@ -1,0 +1,46 @@
+"""Lets XLA's CPU buffers reuse freed memory instead of faulting in fresh pages every step.
+
+XLA:CPU allocates each execution's scratch buffer (1.9 GB for a ResNeXt-50 train step at
+batch 16) with `posix_memalign` from a worker thread. glibc serves a request that large
+from a fresh `mmap` and unmaps it on `free`, so every step touches gigabytes of new
+pages: ~500,000 page faults and 1.7 s of kernel time per step on a 2-core CPU, a fifth of
+the step. Keeping glibc's allocations in its main heap (one arena, no `mmap`, trimmed
+only past 2 GiB) lets each step reuse the pages of the one before.
+
+It must run before JAX starts its thread pools (before the first computation), and it
+only changes how this process's heap grows and shrinks: freed memory stays with the
+process (up to 2 GiB at the top of the heap) instead of going back to the system.
+"""
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+
+# mallopt parameters, from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_INT_MAX = 2**31 - 1
+
+
+def reuse_freed_memory() -> bool:
+  """Configures glibc's allocator as above; returns False where that is not possible.
+
+  A no-op (False) on systems without glibc (macOS, musl), where allocators differ.
+  """
+  if not sys.platform.startswith('linux'):
+    return False
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):
+    return False
+  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  mallopt.restype = ctypes.c_int
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
+  ok = all(mallopt(param, value) == 1 for param, value in settings)
+  if not ok:
+    logging.warning('Could not configure the C allocator (mallopt failed); CPU steps '
+                    'will page-fault in fresh memory each time.')
+  return ok
