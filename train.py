@@ -11,7 +11,7 @@ import sys
 
 from resnext_jax import host_memory
 
-# Before JAX and TensorFlow start their threads (see host_memory.py).
+# Before NumPy, JAX and TensorFlow start their threads (see host_memory.py).
 host_memory.reuse_freed_memory()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position

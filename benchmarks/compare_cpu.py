@@ -22,9 +22,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
+from resnext_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# One process, one C allocator: both frameworks run with train.py's setting, made before
+# PyTorch, NumPy and JAX start threads (resnext_jax/host_memory.py says why).
+if __name__ == '__main__' and '--no-reuse_freed_memory' not in sys.argv:
+  host_memory.reuse_freed_memory()
+
 import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from resnext_jax import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnext_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args(argv):
@@ -46,9 +52,6 @@ def parse_args(argv):
 
 def main(argv=None) -> float:
   args, ours_args, torch_args = parse_args(argv)
-  if ours_args.reuse_freed_memory:
-    # One process, one C allocator: both frameworks run with train.py's setting.
-    host_memory.reuse_freed_memory()
   run_torch = torch_reference.build_step(torch_args)
   run_ours, flops, compile_s = benchmark.build_step(ours_args)
   print(f'compile_s={compile_s:.1f}', flush=True)

@@ -20,15 +20,20 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
-from resnext_jax import grouped_conv
 from resnext_jax import host_memory
-from resnext_jax import models
-from resnext_jax import steps
+
+# As train.py does, before NumPy and JAX start threads (host_memory.py says why).
+if __name__ == '__main__' and '--no-reuse_freed_memory' not in sys.argv:
+  host_memory.reuse_freed_memory()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from resnext_jax import grouped_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Dense peak FLOP/s per device (tensor cores; float32 means TF32, which XLA uses for
 # float32 convolutions and matmuls on these GPUs by default). Matched against
@@ -60,7 +65,8 @@ def parse_args(argv):
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--reuse_freed_memory', default=True,
                       action=argparse.BooleanOptionalAction,
-                      help='configure the C allocator as train.py does (host_memory.py)')
+                      help='configure the C allocator as train.py does (host_memory.py); '
+                           'applied at start-up, before JAX is imported')
   return parser.parse_args(argv)
 
 
@@ -155,8 +161,6 @@ def report_flops(flops: float, step_s: float, dtype: str):
 
 def main(argv=None) -> float:
   args = parse_args(argv)
-  if args.reuse_freed_memory:
-    host_memory.reuse_freed_memory()
   run_step, flops, compile_s = build_step(args)
   for _ in range(args.warmup):
     run_step()
