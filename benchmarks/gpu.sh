@@ -14,6 +14,7 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOGS=${OUT:-$(mktemp -d)}
+mkdir -p "$LOGS"
 ARCHS=${ARCHS:-resnext50_32x4d resnext101_32x8d}
 IMPLS=${IMPLS:-xla taps}
 BATCH=${BATCH:-128}
