@@ -53,8 +53,9 @@ _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 # Widest group (input channels per group) that takes the multiply-add path. Measured on
 # a 2-core CPU: at 16 channels it runs the forward and input gradient twice as fast as
-# XLA's convolution; at 32 XLA's forward is as fast and the loop's weight gradient 5x
-# slower than `_swapped_kernel_grad`.
+# XLA's convolution; at 32 (7x7x1024, batch 16) its forward is 3.7x slower than XLA's
+# and the layer's forward + gradients 2.7x slower than XLA's path with
+# `_swapped_kernel_grad`.
 MAX_TAPS_GROUP_WIDTH = 16
 
 # Implementation that `'auto'` picks per backend (see the table in the module docstring).

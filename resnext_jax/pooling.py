@@ -2,11 +2,12 @@
 
 JAX differentiates `lax.reduce_window` max through `select_and_scatter_add`, which XLA's
 CPU backend expands into a variadic reduce-window over four index arrays and a scatter:
-in a ResNeXt-50 train step at batch 16 that took ~0.4 s, about as long as PyTorch's
-whole max-pool layer takes fifty times over. `'taps'` writes the pool as an elementwise
-maximum over its window taps and gives it a `jax.custom_vjp` whose backward pass routes
-each output gradient to the first maximal tap (the element `select_and_scatter_add`
-picks), as dense pads and adds.
+~0.4 s of a ResNeXt-50 train step at batch 16 on 2 cores. `'taps'` keeps XLA's pooling
+for the plain forward pass and gives it a `jax.custom_vjp`: the differentiated forward
+takes the maximum over the window taps and stores which tap attained it first (the
+element `select_and_scatter_add` picks), and the backward pass routes each output
+gradient there with dense pads and adds (346 -> 100 ms forward + backward for
+16x112x112x64).
 """
 
 import functools
