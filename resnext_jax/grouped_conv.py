@@ -206,6 +206,30 @@ def _taps_input_grad(dy, kernel, x_shape, strides, padding, groups):
   return dx.reshape(n, phase_h * sh, phase_w * sw, -1)[:, :h, :w]
 
 
+def _kernel_grad_rows(x, dy, kernel_shape, strides, padding, groups):
+  """What output row q's share of a narrow-group weight gradient reads, for a row loop.
+
+  Returns `at(q) -> (columns, dy_row)`: `columns[dw]` is the padded input under kernel
+  column dw for that row, `[n, kh, wo, groups, in]`, and `dy_row` the row's gradient,
+  `[n, wo, groups, out]`.
+  """
+  n, h, w, _ = x.shape
+  kh, kw, width_in, out_channels = kernel_shape
+  wo = dy.shape[2]
+  sh, sw = strides
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))).reshape(
+      n, h + sum(padding[0]), w + sum(padding[1]), groups, width_in)
+  dy = dy.reshape(dy.shape[:3] + (groups, out_channels // groups))
+
+  def at(q):
+    rows = lax.dynamic_slice_in_dim(xp, sh * q, kh, axis=1)
+    columns = [lax.slice_in_dim(rows, dw, dw + sw * (wo - 1) + 1, sw, axis=2)
+               for dw in range(kw)]
+    return columns, lax.dynamic_index_in_dim(dy, q, axis=1, keepdims=False)
+
+  return at
+
+
 def _outer_product_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
   """Weight gradient of a narrow-group (<= 8) convolution, one output row per iteration.
 
@@ -214,27 +238,23 @@ def _outer_product_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
   loop whose accumulator stays in cache. The batch stays a dimension of the accumulator
   (summed at the end), so under a batch-sharded `jit` every device works on its shard.
   """
-  n, h, w, _ = x.shape
+  n = x.shape[0]
   kh, kw, width_in, out_channels = kernel_shape
-  width_out = out_channels // groups
   ho, wo = dy.shape[1:3]
-  sh, sw = strides
-  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))).reshape(
-      n, h + sum(padding[0]), w + sum(padding[1]), groups, width_in)
-  dy = dy.reshape(n, ho, wo, groups, width_out)
+  rows_at = _kernel_grad_rows(x, dy, kernel_shape, strides, padding, groups)
 
   def body(q, accs):
-    rows = lax.dynamic_slice_in_dim(xp, sh * q, kh, axis=1).astype(jnp.float32)
-    dy_row = lax.dynamic_index_in_dim(dy, q, axis=1, keepdims=False).astype(jnp.float32)
+    columns, dy_row = rows_at(q)
+    dy_row = dy_row.astype(jnp.float32)
     new_accs = []
-    for dw, acc in zip(range(kw), accs):
-      cols = lax.slice_in_dim(rows, dw, dw + sw * (wo - 1) + 1, sw, axis=2)
+    for cols, acc in zip(columns, accs):
+      cols = cols.astype(jnp.float32)
       terms = [cols[:, :, r, :, :, None] * dy_row[:, None, r, :, None, :]
                for r in range(wo)]
       new_accs.append(acc + tree_sum(terms))  # [n, kh, g, in, out]
     return tuple(new_accs)
 
-  zeros = jnp.zeros((n, kh, groups, width_in, width_out), jnp.float32)
+  zeros = jnp.zeros((n, kh, groups, width_in, out_channels // groups), jnp.float32)
   accs = lax.fori_loop(0, ho, body, (zeros,) * kw)
   dk = jnp.stack([jnp.sum(acc, axis=0) for acc in accs], axis=1)  # [kh, kw, g, in, out]
   return dk.transpose(0, 1, 3, 2, 4).reshape(kernel_shape)
@@ -250,27 +270,17 @@ def _row_contraction_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
   batch 16); at 8 and fewer they are not (34 ms against 17 ms for 28x28x256). Summing the
   batch inside the loop keeps the accumulator small.
   """
-  n, h, w, _ = x.shape
   kh, kw, width_in, out_channels = kernel_shape
-  width_out = out_channels // groups
-  ho, wo = dy.shape[1:3]
-  sh, sw = strides
-  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))).reshape(
-      n, h + sum(padding[0]), w + sum(padding[1]), groups, width_in)
-  dy = dy.reshape(n, ho, wo, groups, width_out)
+  rows_at = _kernel_grad_rows(x, dy, kernel_shape, strides, padding, groups)
 
   def body(q, acc):
-    rows = lax.dynamic_slice_in_dim(xp, sh * q, kh, axis=1)
-    dy_row = lax.dynamic_index_in_dim(dy, q, axis=1, keepdims=False)
-    per_column = [
-        jnp.einsum('nkrgi,nrgo->kgio', lax.slice_in_dim(rows, dw, dw + sw * (wo - 1) + 1,
-                                                        sw, axis=2), dy_row,
-                   preferred_element_type=jnp.float32)
-        for dw in range(kw)]
+    columns, dy_row = rows_at(q)
+    per_column = [jnp.einsum('nkrgi,nrgo->kgio', cols, dy_row,
+                             preferred_element_type=jnp.float32) for cols in columns]
     return acc + jnp.stack(per_column, axis=1)
 
-  acc = lax.fori_loop(0, ho, body,
-                      jnp.zeros((kh, kw, groups, width_in, width_out), jnp.float32))
+  zeros = jnp.zeros((kh, kw, groups, width_in, out_channels // groups), jnp.float32)
+  acc = lax.fori_loop(0, dy.shape[1], body, zeros)
   return acc.transpose(0, 1, 3, 2, 4).reshape(kernel_shape)
 
 
