@@ -17,7 +17,6 @@ by default (the cause is not known yet).
 """
 
 import ctypes
-import ctypes.util
 import logging
 import sys
 
@@ -36,8 +35,9 @@ def reuse_freed_memory() -> bool:
   if not sys.platform.startswith('linux'):
     return False
   try:
-    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    mallopt = libc.mallopt
+    # The process's own symbols: glibc's mallopt where the C library is glibc, without
+    # ctypes.util.find_library's subprocess at start-up.
+    mallopt = ctypes.CDLL(None).mallopt
   except (OSError, AttributeError):
     return False
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
