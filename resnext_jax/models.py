@@ -151,6 +151,9 @@ ARCHS: dict[str, tuple[tuple[int, ...], int, int]] = {
     'resnext101_32x8d': ((3, 4, 23, 3), 32, 8),
     'resnext152_32x4d': ((3, 8, 36, 3), 32, 4),
     'resnext101_64x4d': ((3, 4, 23, 3), 64, 4),
+    # The paper's baseline, the same network at cardinality 1 (torchvision's resnet50):
+    # a yardstick for the grouped convolutions' cost.
+    'resnet50': ((3, 4, 6, 3), 1, 64),
 }
 
 

@@ -130,12 +130,26 @@ def test_wrong_arch_says_which_arch_the_weights_look_like():
          '(128, 4, 3, 3)' in message
 
 
-def test_plain_resnet_is_described_as_none_of_the_archs():
+def test_plain_resnet50_is_recognised_and_others_are_none_of_the_archs():
   with torch.device('meta'):
-    state_dict = torchvision.models.resnet50().state_dict()
-  with pytest.raises(convert.ConversionError, match=r'stage sizes \(3, 4, 6, 3\) and '
+    resnet50 = torchvision.models.resnet50().state_dict()
+    resnet101 = torchvision.models.resnet101().state_dict()
+  with pytest.raises(convert.ConversionError, match='look like resnet50'):
+    convert.convert_state_dict(resnet50, 'resnext50_32x4d')
+  with pytest.raises(convert.ConversionError, match=r'stage sizes \(3, 4, 23, 3\) and '
                                                     r'1x64d.*none of the known archs'):
-    convert.convert_state_dict(state_dict, 'resnext50_32x4d')
+    convert.convert_state_dict(resnet101, 'resnext50_32x4d')
+
+
+def test_resnet50_logits_match_torchvision():
+  torch_model = randomized(torchvision.models.resnet50())
+  variables = convert.convert_state_dict(torch_model.state_dict(), 'resnet50')
+  images = random_images(2, 64)
+  model = models.create_model('resnet50', conv_impl='taps')
+  ours = np.asarray(model.apply(variables, images))
+  theirs = torch_logits(torch_model, images)
+  # Its logits reach ~80 with these weights: float32 rounding relative to that scale.
+  assert np.max(np.abs(ours - theirs)) <= 3e-5 * np.max(np.abs(theirs))
 
 
 def test_unknown_arch_and_non_mapping_are_refused():
