@@ -154,7 +154,7 @@ def test_resnet50_logits_match_torchvision():
 
 def test_unknown_arch_and_non_mapping_are_refused():
   with pytest.raises(convert.ConversionError, match='Unknown arch'):
-    convert.convert_state_dict({}, 'resnet50')
+    convert.convert_state_dict({}, 'resnet18')
   with pytest.raises(convert.ConversionError, match='Expected a state dict'):
     convert.convert_state_dict([1, 2], 'resnext50_32x4d')
 
