@@ -45,6 +45,16 @@ def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
 
 
+def converted_and_torchvision_logits(torch_model: torch.nn.Module, arch: str,
+                                    image_size: int, conv_impl: str):
+  """Eval logits of `torch_model` (random weights) and of our `arch` with its weights."""
+  torch_model = randomized(torch_model)
+  variables = convert.convert_state_dict(torch_model.state_dict(), arch)
+  images = random_images(2, image_size)
+  model = models.create_model(arch, conv_impl=conv_impl)
+  return np.asarray(model.apply(variables, images)), torch_logits(torch_model, images)
+
+
 def mmcls_checkpoint(state_dict: dict) -> dict:
   renamed = {('head.' + k if k.startswith('fc.') else 'backbone.' + k): v
              for k, v in state_dict.items()}
@@ -53,12 +63,8 @@ def mmcls_checkpoint(state_dict: dict) -> dict:
 
 @pytest.mark.slow
 def test_resnext50_logits_match_torchvision():
-  torch_model = randomized(torchvision.models.resnext50_32x4d())
-  variables = convert.convert_state_dict(torch_model.state_dict(), 'resnext50_32x4d')
-  images = random_images(2, 224)
-  model = models.create_model('resnext50_32x4d', conv_impl='xla')
-  ours = np.asarray(model.apply(variables, images))
-  theirs = torch_logits(torch_model, images)
+  ours, theirs = converted_and_torchvision_logits(
+      torchvision.models.resnext50_32x4d(), 'resnext50_32x4d', 224, conv_impl='xla')
   assert np.max(np.abs(ours - theirs)) <= 1e-4
 
 
@@ -142,12 +148,8 @@ def test_plain_resnet50_is_recognised_and_others_are_none_of_the_archs():
 
 
 def test_resnet50_logits_match_torchvision():
-  torch_model = randomized(torchvision.models.resnet50())
-  variables = convert.convert_state_dict(torch_model.state_dict(), 'resnet50')
-  images = random_images(2, 64)
-  model = models.create_model('resnet50', conv_impl='taps')
-  ours = np.asarray(model.apply(variables, images))
-  theirs = torch_logits(torch_model, images)
+  ours, theirs = converted_and_torchvision_logits(
+      torchvision.models.resnet50(), 'resnet50', 64, conv_impl='taps')
   # Its logits reach ~80 with these weights: float32 rounding relative to that scale.
   assert np.max(np.abs(ours - theirs)) <= 3e-5 * np.max(np.abs(theirs))
 
