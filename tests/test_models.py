@@ -39,16 +39,17 @@ def test_parameter_count_matches_seed_table_exactly(arch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('arch', list(SEED_TABLE))
-def test_forward_macs_within_three_percent_of_seed_table(arch):
+def test_forward_macs_match_seed_table(arch):
   # XLA counts only the MACs over real input pixels, not over the zero padding: for the
   # ResNeXts that is < 1% below the published figures, for resnet50 (dense 3x3 convs at
   # 7x7 and 14x14, where padding is a large share of the taps) 2.5%.
+  tolerance = 0.03 if arch == 'resnet50' else 0.02
   model = models.create_model(arch, conv_impl='xla')
   shapes = _variable_shapes(model)
   image = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
   compiled = jax.jit(lambda v, x: model.apply(v, x)).lower(shapes, image).compile()
   macs = compiled.cost_analysis()['flops'] / 2 / 1e9
-  assert macs == pytest.approx(SEED_TABLE[arch][1], rel=0.03)
+  assert macs == pytest.approx(SEED_TABLE[arch][1], rel=tolerance)
 
 
 def test_unknown_arch_lists_known_ones():
