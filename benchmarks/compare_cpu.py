@@ -42,12 +42,16 @@ def parse_args(argv):
   parser.add_argument('--steps', type=int, default=7, help='timed pairs of steps')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps of each first')
   parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--torch_memory_format', default='channels_last',
+                      choices=('channels_last', 'contiguous'),
+                      help="torchvision's tensor layout (channels_last is its faster one here)")
   args, ours_extra = parser.parse_known_args(argv)
   common = [f'--arch={args.arch}', f'--batch_size={args.batch_size}',
             f'--image_size={args.image_size}', f'--mode={args.mode}',
             f'--dtype={args.dtype}']
   ours_args = benchmark.parse_args(common + [a for a in ours_extra if a != '--'])
-  return args, ours_args, torch_reference.parse_args(common)
+  return args, ours_args, torch_reference.parse_args(
+      common + [f'--memory_format={args.torch_memory_format}'])
 
 
 def main(argv=None) -> float:

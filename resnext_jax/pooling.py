@@ -82,7 +82,7 @@ def _max_pool_taps_bwd(window, strides, padding, residuals, dy):
 
 _max_pool_taps.defvjp(_max_pool_taps_fwd, _max_pool_taps_bwd)
 
-IMPLEMENTATIONS = {'xla': _max_pool_xla, 'taps': _max_pool_taps}
+IMPLEMENTATIONS = {'xla': _max_pool_xla, 'taps': _max_pool_taps, 'native': _max_pool_taps}
 
 
 def max_pool(x: jax.Array, window: Sequence[int], *, strides: Sequence[int],

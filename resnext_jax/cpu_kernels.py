@@ -1,0 +1,127 @@
+"""The C++ grouped convolution (`cpu_grouped_conv.cc`), compiled on first use and called from jit.
+
+Why a native kernel: on CPU, XLA's grouped convolution and every formulation of it in
+XLA ops that we tried leave the vector units mostly idle on the 8- to 32-wide groups of
+a ResNeXt's later stages; the kernel keeps a block of outputs in registers and runs
+those layers 2-4x faster (README, "Speed").
+
+The source is compiled once per machine with the system's C++ compiler (`$CXX`, else
+`c++`, `g++` or `clang++`) against the XLA FFI headers that jaxlib ships, and cached
+under `$RESNEXT_JAX_CACHE` (default `~/.cache/resnext_jax`), keyed by the source,
+flags, compiler and jaxlib version. It needs Linux on x86-64 with AVX2 and FMA;
+`unavailable_reason()` says what is missing elsewhere.
+"""
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cpu_grouped_conv.cc')
+FLAGS = ('-O3', '-mavx2', '-mfma', '-std=c++17', '-shared', '-fPIC')
+FORWARD_TARGET = 'resnext_grouped_conv_forward'
+# Group widths (input = output channels per group) that the kernel is compiled for.
+WIDTHS = (8, 16, 32)
+
+
+def _cpu_has_avx2_fma() -> bool:
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags = next((line.split(':', 1)[1].split() for line in f
+                    if line.startswith('flags')), [])
+  except OSError:
+    return False
+  return 'avx2' in flags and 'fma' in flags
+
+
+def _compiler() -> str | None:
+  candidates = [os.environ.get('CXX'), 'c++', 'g++', 'clang++']
+  return next((shutil.which(c) for c in candidates if c and shutil.which(c)), None)
+
+
+def _cache_dir() -> str:
+  return os.environ.get('RESNEXT_JAX_CACHE',
+                        os.path.join(os.path.expanduser('~'), '.cache', 'resnext_jax'))
+
+
+def _build(compiler: str) -> str:
+  """Compiles the kernel unless a build for this source and toolchain is cached."""
+  with open(SOURCE, 'rb') as f:
+    source = f.read()
+  key = hashlib.sha256(b'\0'.join([
+      source, ' '.join(FLAGS).encode(), compiler.encode(),
+      importlib.metadata.version('jaxlib').encode()])).hexdigest()[:16]
+  library = os.path.join(_cache_dir(), f'cpu_grouped_conv_{key}.so')
+  if os.path.exists(library):
+    return library
+  os.makedirs(_cache_dir(), exist_ok=True)
+  # Build beside the target and rename: processes that build at once never see a
+  # partial library.
+  fd, partial = tempfile.mkstemp(suffix='.so', dir=_cache_dir())
+  os.close(fd)
+  command = [compiler, *FLAGS, '-I', jax.ffi.include_dir(), SOURCE, '-o', partial]
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode != 0:
+    os.unlink(partial)
+    raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr[-2000:]}')
+  os.replace(partial, library)
+  return library
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+  """None once the kernel is compiled, loaded and registered with XLA; else why not."""
+  if platform.system() != 'Linux' or platform.machine() not in ('x86_64', 'AMD64'):
+    return f'needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})'
+  if not _cpu_has_avx2_fma():
+    return 'needs a CPU with AVX2 and FMA'
+  compiler = _compiler()
+  if compiler is None:
+    return 'needs a C++ compiler (set $CXX, or install g++ or clang++)'
+  try:
+    library = ctypes.cdll.LoadLibrary(_build(compiler))
+  except (OSError, RuntimeError) as e:
+    return f'could not build {SOURCE}: {e}'
+  jax.ffi.register_ffi_target(
+      FORWARD_TARGET, jax.ffi.pycapsule(library.ResnextGroupedConvForward), platform='cpu')
+  return None
+
+
+def supports(kernel_shape, groups: int) -> bool:
+  """Whether the kernel handles an HWIO kernel of `groups` groups (any batch, size, stride)."""
+  _, _, width_in, out_channels = kernel_shape
+  return groups > 1 and width_in in WIDTHS and out_channels == groups * width_in
+
+
+def _arranged(kernel, groups):
+  """HWIO `[kh, kw, width, groups * width]` -> `[groups, width / co, kh, kw, width, co]`."""
+  kh, kw, width, _ = kernel.shape
+  co = min(width, 16)
+  return kernel.reshape(kh, kw, width, groups, width // co, co).transpose(3, 4, 0, 1, 2, 5)
+
+
+def grouped_conv_forward(x, kernel, strides, padding, groups):
+  """The grouped convolution of NHWC `x` and HWIO `kernel` by the C++ kernel, in float32.
+
+  `padding` is explicit ((top, bottom), (left, right)); the result has `x`'s dtype.
+  """
+  n, h, w, channels = x.shape
+  kh, kw = kernel.shape[:2]
+  (top, bottom), (left, right) = padding
+  ho = (h + top + bottom - kh) // strides[0] + 1
+  wo = (w + left + right - kw) // strides[1] + 1
+  call = jax.ffi.ffi_call(FORWARD_TARGET,
+                          jax.ShapeDtypeStruct((n, ho, wo, channels), jnp.float32))
+  y = call(x.astype(jnp.float32), _arranged(kernel.astype(jnp.float32), groups),
+           stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+           pad_top=np.int64(top), pad_left=np.int64(left))
+  return y.astype(x.dtype)
