@@ -97,9 +97,27 @@ def unavailable_reason() -> str | None:
 
 
 def supports(kernel_shape, groups: int) -> bool:
-  """Whether the kernel handles an HWIO kernel of `groups` groups (any batch, size, stride)."""
+  """Whether the kernel handles an HWIO kernel of `groups` groups (any batch, size, stride).
+
+  4-wide groups run in pairs, as 8-wide groups with block-diagonal weights: twice the
+  multiply-adds, still faster than any other form measured.
+  """
   _, _, width_in, out_channels = kernel_shape
-  return groups > 1 and width_in in WIDTHS and out_channels == groups * width_in
+  paired = width_in == 4 and groups % 2 == 0
+  return (groups > 1 and (width_in in WIDTHS or paired)
+          and out_channels == groups * width_in)
+
+
+def _paired(kernel, groups):
+  """4-wide groups' HWIO kernel -> that of 8-wide groups of two, block-diagonal."""
+  kh, kw, width, _ = kernel.shape
+  k = kernel.reshape(kh, kw, width, groups // 2, 2, width)
+  zeros = jnp.zeros_like(k[..., :1, :])
+  first = jnp.concatenate([k[..., :1, :], zeros], axis=-2)  # in 0-3 -> out 0-3 only
+  second = jnp.concatenate([zeros, k[..., 1:, :]], axis=-2)  # in 4-7 -> out 4-7 only
+  # [kh, kw, 2 (input half), width, groups / 2, 2 (output half), width]
+  blocks = jnp.stack([first, second], axis=2)
+  return blocks.reshape(kh, kw, 2 * width, groups // 2 * 2 * width)
 
 
 def _arranged(kernel, groups):
@@ -114,11 +132,16 @@ def grouped_conv_forward(x, kernel, strides, padding, groups):
 
   `padding` is explicit ((top, bottom), (left, right)); the result has `x`'s dtype.
   """
+  reason = unavailable_reason()  # compiles and registers the kernel on first use
+  if reason:
+    raise RuntimeError(f'The C++ grouped convolution {reason}.')
   n, h, w, channels = x.shape
   kh, kw = kernel.shape[:2]
   (top, bottom), (left, right) = padding
   ho = (h + top + bottom - kh) // strides[0] + 1
   wo = (w + left + right - kw) // strides[1] + 1
+  if kernel.shape[2] == 4:
+    kernel, groups = _paired(kernel, groups), groups // 2
   call = jax.ffi.ffi_call(FORWARD_TARGET,
                           jax.ShapeDtypeStruct((n, ho, wo, channels), jnp.float32))
   y = call(x.astype(jnp.float32), _arranged(kernel.astype(jnp.float32), groups),

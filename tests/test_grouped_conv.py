@@ -9,15 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from resnext_jax import cpu_kernels
 from resnext_jax import grouped_conv
 from resnext_jax import models
 
-FAST_IMPLS = [name for name in grouped_conv.IMPLEMENTATIONS if name != 'xla']
+# 'native' where its C++ kernel builds (tests/test_cpu_kernels.py checks that it does on
+# every machine that has what it needs).
+FAST_IMPLS = [name for name in grouped_conv.IMPLEMENTATIONS if name != 'xla'
+              and (name != 'native' or cpu_kernels.unavailable_reason() is None)]
 
 # (input NHWC, kernel size, stride, groups, output channels).
 CASES = {
     'width4': ((2, 9, 9, 16), 3, 1, 4, 16),
     'width4_stride2_odd': ((2, 9, 9, 16), 3, 2, 4, 16),
+    'width4_odd_groups': ((2, 6, 6, 12), 3, 1, 3, 12),  # unpaired: 'native' falls back
     'width8': ((2, 8, 8, 32), 3, 1, 4, 32),
     'width8_stride2_nonsquare': ((3, 8, 6, 32), 3, 2, 4, 32),
     'width2': ((2, 6, 6, 8), 3, 1, 4, 8),

@@ -1,0 +1,64 @@
+"""The C++ grouped convolution builds where it can, is cached, and fails with a clear reason.
+
+Its results are checked against XLA's with every other implementation, in
+tests/test_grouped_conv.py (conv_impl 'native').
+"""
+
+import os
+import platform
+import stat
+
+import jax
+import pytest
+
+from resnext_jax import cpu_kernels
+from resnext_jax import grouped_conv
+
+
+def test_builds_on_every_machine_that_has_what_it_needs():
+  if (platform.system() != 'Linux' or platform.machine() != 'x86_64'
+      or not cpu_kernels._cpu_has_avx2_fma() or cpu_kernels._compiler() is None):
+    pytest.skip('this machine lacks Linux x86-64, AVX2/FMA or a C++ compiler')
+  assert cpu_kernels.unavailable_reason() is None
+  assert grouped_conv.resolve_impl('native') == 'native'
+
+
+def test_a_build_is_cached_by_source_and_toolchain(tmp_path, monkeypatch):
+  if cpu_kernels._compiler() is None:
+    pytest.skip('no C++ compiler')
+  monkeypatch.setenv('RESNEXT_JAX_CACHE', str(tmp_path))
+  library = cpu_kernels._build(cpu_kernels._compiler())
+  assert os.path.dirname(library) == str(tmp_path)
+  built_at = os.stat(library).st_mtime_ns
+  assert cpu_kernels._build(cpu_kernels._compiler()) == library
+  assert os.stat(library).st_mtime_ns == built_at
+  assert os.listdir(tmp_path) == [os.path.basename(library)]  # no partial files left
+
+
+def test_a_failed_build_reports_the_command_and_leaves_nothing(tmp_path, monkeypatch):
+  broken = tmp_path / 'broken-c++'
+  broken.write_text('#!/bin/sh\necho "no such flag" >&2\nexit 1\n')
+  broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+  cache = tmp_path / 'cache'
+  monkeypatch.setenv('RESNEXT_JAX_CACHE', str(cache))
+  with pytest.raises(RuntimeError, match=r'broken-c\+\+ .*failed:\nno such flag'):
+    cpu_kernels._build(str(broken))
+  assert os.listdir(cache) == []
+
+
+def test_without_the_kernel_auto_falls_back_and_native_names_the_fix(monkeypatch):
+  monkeypatch.setattr(cpu_kernels, 'unavailable_reason',
+                      lambda: 'needs a C++ compiler (set $CXX, or install g++ or clang++)')
+  assert jax.default_backend() == 'cpu'
+  assert grouped_conv.resolve_impl('auto') == 'taps'
+  with pytest.raises(ValueError, match=r"'native' is unavailable here.*needs a C\+\+ "
+                     r"compiler.*Use 'taps' instead"):
+    grouped_conv.resolve_impl('native')
+
+
+def test_supports_the_widths_of_the_published_archs():
+  for width, groups in [(4, 32), (8, 32), (16, 32), (32, 32), (4, 64)]:
+    assert cpu_kernels.supports((3, 3, width, groups * width), groups)
+  assert not cpu_kernels.supports((3, 3, 4, 12), 3)  # 4-wide groups run in pairs
+  assert not cpu_kernels.supports((3, 3, 2, 8), 4)
+  assert not cpu_kernels.supports((3, 3, 64, 64), 1)
