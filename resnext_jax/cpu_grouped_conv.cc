@@ -1,4 +1,4 @@
-// Grouped 2-D convolution, forward, for x86-64 CPUs with AVX2 and FMA: an XLA FFI handler.
+// Grouped 2-D convolution, forward and weight gradient, for x86-64 CPUs with AVX2 and FMA: an XLA FFI handler.
 //
 // Why: XLA's CPU grouped convolution, and any formulation of it in XLA ops, leaves the
 // cores mostly idle (resnext_jax/grouped_conv.py). Here each block of output pixels x
@@ -14,8 +14,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -80,65 +82,156 @@ inline void Blocks(const float* xg, const float* kb, float* yb, int64_t yc,
   if constexpr (P > 1) Blocks<WI, CO, P / 2>(xg, kb, yb, yc, g, q, row, col, end);
 }
 
-// One group of one image. The group's input is first copied into a dense zero-padded
-// buffer: in NHWC a group's pixels lie a power-of-two stride apart, map onto a few cache
-// sets and keep missing; the dense copy stays in cache across the group's rows.
+// Copies channels [group * W, group * W + W) of image n of NHWC `src` ([n][h][w][c])
+// into a dense [rows][cols][W] buffer, shifted down and right by (top, left) with zeros
+// around. In NHWC a group's pixels lie a power-of-two stride apart, map onto a few cache
+// sets and keep missing; the dense copy stays in cache while it is read many times.
 template <int W>
-void GroupOfImage(const float* x, const float* k, float* y, int64_t h, int64_t w,
-                  int64_t pad_top, int64_t pad_left, const Geometry& g, int64_t n,
-                  int64_t group, std::vector<float>& buffer) {
-  constexpr int CO = W < 16 ? W : 16;
-  constexpr int PB = CO == 8 ? 7 : 6;  // accumulators + weights + 1 fit 16 registers
-  const int64_t c = g.groups * W;
-  buffer.resize(g.hp * g.wp * W);
-  float* xg = buffer.data();
-  for (int64_t r = 0; r < g.hp; ++r) {
-    const int64_t src_r = r - pad_top;
-    for (int64_t col = 0; col < g.wp; ++col) {
-      const int64_t src_c = col - pad_left;
-      float* dst = xg + (r * g.wp + col) * W;
+void PackGroup(const float* src, int64_t n, int64_t group, int64_t h, int64_t w, int64_t c,
+               int64_t top, int64_t left, int64_t rows, int64_t cols,
+               std::vector<float>& buffer) {
+  buffer.resize(rows * cols * W);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t src_r = r - top;
+    for (int64_t col = 0; col < cols; ++col) {
+      const int64_t src_c = col - left;
+      float* dst = buffer.data() + (r * cols + col) * W;
       if (src_r < 0 || src_r >= h || src_c < 0 || src_c >= w) {
         for (int j = 0; j < W; j += 8) _mm256_storeu_ps(dst + j, _mm256_setzero_ps());
       } else {
-        const float* src = x + ((n * h + src_r) * w + src_c) * c + group * W;
-        for (int j = 0; j < W; j += 8) _mm256_storeu_ps(dst + j, _mm256_loadu_ps(src + j));
+        const float* from = src + ((n * h + src_r) * w + src_c) * c + group * W;
+        for (int j = 0; j < W; j += 8) _mm256_storeu_ps(dst + j, _mm256_loadu_ps(from + j));
       }
     }
   }
+}
+
+// Forward: all outputs of one group of one image.
+template <int W>
+void ForwardGroupOfImage(const float* x, const float* k, float* y, int64_t h, int64_t w,
+                         int64_t pad_top, int64_t pad_left, const Geometry& g, int64_t n,
+                         int64_t group, std::vector<float>& buffer) {
+  constexpr int CO = W < 16 ? W : 16;
+  constexpr int PB = CO == 8 ? 7 : 6;  // accumulators + weights + 1 fit 16 registers
+  const int64_t c = g.groups * W;
+  PackGroup<W>(x, n, group, h, w, c, pad_top, pad_left, g.hp, g.wp, buffer);
   for (int64_t cb = 0; cb < W / CO; ++cb) {
     const float* kb = k + (group * (W / CO) + cb) * g.kh * g.kw * W * CO;
     float* yb = y + n * g.ho * g.wo * c + group * W + cb * CO;
-    Blocks<W, CO, PB>(xg, kb, yb, c, g, 0, 0, 0, g.ho * g.wo);
+    Blocks<W, CO, PB>(buffer.data(), kb, yb, c, g, 0, 0, 0, g.ho * g.wo);
   }
 }
 
-// Runs fn(i) for i in [0, count) on the thread pool XLA gives the handler, in contiguous
-// chunks, the calling thread taking the first.
+// Weight gradient, one tap: acc[i][co] += sum over output pixels of
+// x[pixel's input under the tap][ci0 + i] * dy[pixel][co0 + co], for CI input channels
+// and CO output channels, all in registers. `xt` and `dyb` are dense packed groups.
+template <int W, int CI, int CO>
+inline void KernelGradTile(const float* xt, const float* dyb, float* dk, const Geometry& g) {
+  constexpr int V = CO / 8;
+  __m256 acc[CI][V];
+  for (int i = 0; i < CI; ++i)
+    for (int j = 0; j < V; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t q = 0; q < g.ho; ++q) {
+    const float* xrow = xt + q * g.sh * g.wp * W;
+    const float* dyrow = dyb + q * g.wo * W;
+    for (int64_t r = 0; r < g.wo; ++r) {
+      __m256 d[V];
+      for (int j = 0; j < V; ++j) d[j] = _mm256_loadu_ps(dyrow + r * W + 8 * j);
+      const float* xp = xrow + r * g.sw * W;
+      for (int i = 0; i < CI; ++i) {
+        const __m256 xv = _mm256_broadcast_ss(xp + i);
+        for (int j = 0; j < V; ++j) acc[i][j] = _mm256_fmadd_ps(xv, d[j], acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < CI; ++i)
+    for (int j = 0; j < V; ++j) {
+      float* out = dk + i * W + 8 * j;
+      _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), acc[i][j]));
+    }
+}
+
+// Input channels [ci, W) of one tap in tiles of CI, the rest in tiles of CI / 2, ...
+template <int W, int CI, int CO>
+inline void KernelGradTiles(const float* xt, const float* dyb, float* dk, const Geometry& g,
+                            int ci) {
+  for (; ci + CI <= W; ci += CI) KernelGradTile<W, CI, CO>(xt + ci, dyb, dk + ci * W, g);
+  if constexpr (CI > 1) KernelGradTiles<W, CI / 2, CO>(xt, dyb, dk, g, ci);
+}
+
+// Weight gradient of one group ([kh][kw][W in][W out], zeroed here), summed over images.
+template <int W>
+void KernelGradOfGroup(const float* x, const float* dy, float* dk, int64_t n_images,
+                       int64_t h, int64_t w, int64_t pad_top, int64_t pad_left,
+                       const Geometry& g, int64_t group, std::vector<float>& x_buffer,
+                       std::vector<float>& dy_buffer) {
+  constexpr int CO = W < 16 ? W : 16;
+  constexpr int CI = CO == 8 ? 8 : 6;
+  const int64_t c = g.groups * W;
+  float* dkg = dk + group * g.kh * g.kw * W * W;
+  std::fill(dkg, dkg + g.kh * g.kw * W * W, 0.f);
+  for (int64_t n = 0; n < n_images; ++n) {
+    PackGroup<W>(x, n, group, h, w, c, pad_top, pad_left, g.hp, g.wp, x_buffer);
+    PackGroup<W>(dy, n, group, g.ho, g.wo, c, 0, 0, g.ho, g.wo, dy_buffer);
+    for (int64_t dh = 0; dh < g.kh; ++dh)
+      for (int64_t dw = 0; dw < g.kw; ++dw)
+        for (int cb = 0; cb < W; cb += CO)
+          KernelGradTiles<W, CI, CO>(x_buffer.data() + (dh * g.wp + dw) * W,
+                                     dy_buffer.data() + cb,
+                                     dkg + (dh * g.kw + dw) * W * W + cb, g, 0);
+  }
+}
+
+// Runs fn(i) for i in [0, count) on the calling thread and on XLA's thread pool.
+// Every thread takes items from a shared counter, so the caller never waits for a task
+// that has not started: XLA may run several of these handlers at once, on all of the
+// pool's threads, and a caller that waited for its queued tasks would then wait forever.
+// A helper task that starts after all items are taken returns at once; the shared state
+// is reference-counted, as such a task may outlive the call.
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t count, const F& fn) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), count));
-  std::mutex mu;
-  std::condition_variable done;
-  int64_t pending = chunks - 1;
-  for (int64_t t = 1; t < chunks; ++t) {
-    pool.Schedule([&, t] {
-      for (int64_t i = t * count / chunks; i < (t + 1) * count / chunks; ++i) fn(i);
-      std::lock_guard<std::mutex> lock(mu);
-      if (--pending == 0) done.notify_one();
-    });
-  }
-  for (int64_t i = 0; i < count / chunks; ++i) fn(i);
-  std::unique_lock<std::mutex> lock(mu);
-  done.wait(lock, [&] { return pending == 0; });
+  struct State {
+    std::atomic<int64_t> next{0}, finished{0};
+    std::mutex mu;
+    std::condition_variable all_finished;
+  };
+  auto state = std::make_shared<State>();
+  const F* work = &fn;  // used only while items remain, i.e. while the caller waits
+  auto drain = [state, work, count] {
+    for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
+      (*work)(i);
+      if (state->finished.fetch_add(1) + 1 == count) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->all_finished.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(drain)(drain));
+  drain();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->all_finished.wait(lock, [&] { return state->finished.load() == count; });
 }
 
 template <int W>
-void Run(ffi::ThreadPool& pool, const float* x, const float* k, float* y, int64_t n_images,
-         int64_t h, int64_t w, int64_t pad_top, int64_t pad_left, const Geometry& g) {
+void RunForward(ffi::ThreadPool& pool, const float* x, const float* k, float* y,
+                int64_t n_images, int64_t h, int64_t w, int64_t pad_top, int64_t pad_left,
+                const Geometry& g) {
   ParallelFor(pool, n_images * g.groups, [&](int64_t i) {
     thread_local std::vector<float> buffer;
-    GroupOfImage<W>(x, k, y, h, w, pad_top, pad_left, g, i / g.groups, i % g.groups,
-                    buffer);
+    ForwardGroupOfImage<W>(x, k, y, h, w, pad_top, pad_left, g, i / g.groups,
+                           i % g.groups, buffer);
+  });
+}
+
+template <int W>
+void RunKernelGrad(ffi::ThreadPool& pool, const float* x, const float* dy, float* dk,
+                   int64_t n_images, int64_t h, int64_t w, int64_t pad_top,
+                   int64_t pad_left, const Geometry& g) {
+  ParallelFor(pool, g.groups, [&](int64_t group) {
+    thread_local std::vector<float> x_buffer, dy_buffer;
+    KernelGradOfGroup<W>(x, dy, dk, n_images, h, w, pad_top, pad_left, g, group, x_buffer,
+                         dy_buffer);
   });
 }
 
@@ -163,9 +256,38 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* kp = kernel.typed_data();
   float* yp = y->typed_data();
   switch (width) {
-    case 8: Run<8>(pool, xp, kp, yp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
-    case 16: Run<16>(pool, xp, kp, yp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
-    case 32: Run<32>(pool, xp, kp, yp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
+    case 8: RunForward<8>(pool, xp, kp, yp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
+    case 16: RunForward<16>(pool, xp, kp, yp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
+    case 32: RunForward<32>(pool, xp, kp, yp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
+    default:
+      return ffi::Error::InvalidArgument("grouped conv: group width must be 8, 16 or 32");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                 ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
+                                 int64_t stride_h, int64_t stride_w, int64_t pad_top,
+                                 int64_t pad_left) {
+  const auto xd = x.dimensions();
+  const auto yd = dy.dimensions();
+  const auto kd = dk->dimensions();
+  if (xd.size() != 4 || yd.size() != 4 || kd.size() != 5)
+    return ffi::Error::InvalidArgument("grouped conv kernel grad: expected x [N,H,W,C], "
+                                       "dy [N,Ho,Wo,C] and dk [G,kh,kw,W,W]");
+  const int64_t width = kd[3];
+  Geometry g{kd[0], kd[1], kd[2], stride_h, stride_w, 0, 0, yd[1], yd[2]};
+  g.hp = (g.ho - 1) * g.sh + g.kh;
+  g.wp = (g.wo - 1) * g.sw + g.kw;
+  if (xd[3] != g.groups * width || yd[3] != xd[3] || yd[0] != xd[0] || kd[4] != width)
+    return ffi::Error::InvalidArgument("grouped conv kernel grad: channels do not match");
+  const float* xp = x.typed_data();
+  const float* dyp = dy.typed_data();
+  float* dkp = dk->typed_data();
+  switch (width) {
+    case 8: RunKernelGrad<8>(pool, xp, dyp, dkp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
+    case 16: RunKernelGrad<16>(pool, xp, dyp, dkp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
+    case 32: RunKernelGrad<32>(pool, xp, dyp, dkp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
     default:
       return ffi::Error::InvalidArgument("grouped conv: group width must be 8, 16 or 32");
   }
@@ -173,6 +295,17 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextGroupedConvKernelGrad, GroupedConvKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextGroupedConvForward, GroupedConvForward,
                               ffi::Ffi::Bind()

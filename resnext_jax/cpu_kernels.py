@@ -1,4 +1,4 @@
-"""The C++ grouped convolution (`cpu_grouped_conv.cc`), compiled on first use and called from jit.
+"""The C++ grouped convolution and its weight gradient (`cpu_grouped_conv.cc`), compiled on first use.
 
 Why a native kernel: on CPU, XLA's grouped convolution and every formulation of it in
 XLA ops that we tried leave the vector units mostly idle on the 8- to 32-wide groups of
@@ -29,6 +29,7 @@ import numpy as np
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cpu_grouped_conv.cc')
 FLAGS = ('-O3', '-mavx2', '-mfma', '-std=c++17', '-shared', '-fPIC')
 FORWARD_TARGET = 'resnext_grouped_conv_forward'
+KERNEL_GRAD_TARGET = 'resnext_grouped_conv_kernel_grad'
 # Group widths (input = output channels per group) that the kernel is compiled for.
 WIDTHS = (8, 16, 32)
 
@@ -68,11 +69,13 @@ def _build(compiler: str) -> str:
   # partial library.
   fd, partial = tempfile.mkstemp(suffix='.so', dir=_cache_dir())
   os.close(fd)
-  command = [compiler, *FLAGS, '-I', jax.ffi.include_dir(), SOURCE, '-o', partial]
+  command = [compiler, *FLAGS, '-isystem', jax.ffi.include_dir(), SOURCE, '-o', partial]
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode != 0:
     os.unlink(partial)
-    raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr[-2000:]}')
+    errors = [line for line in result.stderr.splitlines() if 'error' in line]
+    raise RuntimeError(f'{" ".join(command)} failed:\n'
+                       + '\n'.join(errors[:5] or result.stderr.splitlines()[-5:]))
   os.replace(partial, library)
   return library
 
@@ -93,6 +96,9 @@ def unavailable_reason() -> str | None:
     return f'could not build {SOURCE}: {e}'
   jax.ffi.register_ffi_target(
       FORWARD_TARGET, jax.ffi.pycapsule(library.ResnextGroupedConvForward), platform='cpu')
+  jax.ffi.register_ffi_target(
+      KERNEL_GRAD_TARGET, jax.ffi.pycapsule(library.ResnextGroupedConvKernelGrad),
+      platform='cpu')
   return None
 
 
@@ -127,14 +133,23 @@ def _arranged(kernel, groups):
   return kernel.reshape(kh, kw, width, groups, width // co, co).transpose(3, 4, 0, 1, 2, 5)
 
 
+def _require():
+  reason = unavailable_reason()  # compiles and registers the kernel on first use
+  if reason:
+    raise RuntimeError(f'The C++ grouped convolution {reason}.')
+
+
+def _attributes(strides, padding):
+  return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+              pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
+
+
 def grouped_conv_forward(x, kernel, strides, padding, groups):
   """The grouped convolution of NHWC `x` and HWIO `kernel` by the C++ kernel, in float32.
 
   `padding` is explicit ((top, bottom), (left, right)); the result has `x`'s dtype.
   """
-  reason = unavailable_reason()  # compiles and registers the kernel on first use
-  if reason:
-    raise RuntimeError(f'The C++ grouped convolution {reason}.')
+  _require()
   n, h, w, channels = x.shape
   kh, kw = kernel.shape[:2]
   (top, bottom), (left, right) = padding
@@ -145,6 +160,21 @@ def grouped_conv_forward(x, kernel, strides, padding, groups):
   call = jax.ffi.ffi_call(FORWARD_TARGET,
                           jax.ShapeDtypeStruct((n, ho, wo, channels), jnp.float32))
   y = call(x.astype(jnp.float32), _arranged(kernel.astype(jnp.float32), groups),
-           stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
-           pad_top=np.int64(top), pad_left=np.int64(left))
+           **_attributes(strides, padding))
   return y.astype(x.dtype)
+
+
+def grouped_conv_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
+  """Weight gradient (HWIO, float32) of `grouped_conv_forward` for output gradient `dy`."""
+  _require()
+  kh, kw, width, out_channels = kernel_shape
+  paired = width == 4
+  kernel_groups, kernel_width = (groups // 2, 8) if paired else (groups, width)
+  call = jax.ffi.ffi_call(KERNEL_GRAD_TARGET, jax.ShapeDtypeStruct(
+      (kernel_groups, kh, kw, kernel_width, kernel_width), jnp.float32))
+  dk = call(x.astype(jnp.float32), dy.astype(jnp.float32), **_attributes(strides, padding))
+  if paired:  # keep the diagonal blocks: [groups / 2, 2 (pair), kh, kw, 4, 4]
+    dk = jnp.stack([dk[..., :4, :4], dk[..., 4:, 4:]], axis=1)
+  # [groups, kh, kw, in, out] -> [kh, kw, in, groups * out]
+  return dk.reshape(groups, kh, kw, width, width).transpose(1, 2, 3, 0, 4).reshape(
+      kh, kw, width, out_channels)

@@ -28,9 +28,10 @@ Implementations:
   - the weights of every multiply-add are rearranged once, outside the sums
     (`_weights_by_group`).
   The stem's max pool has a matching fast form (`pooling.py`).
-* `'native'` (CPU only): `'taps'`, except that grouped convolutions with 8, 16 or 32
-  channels per group run forward, and at stride 1 also their input gradient, in a C++
-  kernel (`cpu_kernels.py`), compiled on first use.
+* `'native'` (CPU only): `'taps'`, except that grouped convolutions with 4 (in pairs),
+  8, 16 or 32 channels per group run in a C++ kernel (`cpu_kernels.py`, compiled on
+  first use): the forward pass, the input gradient (as forward passes, one per phase)
+  and the weight gradient.
 * `'auto'`: the implementation measured fastest on the default backend (`AUTO_IMPL`).
 
 `AUTO_IMPL`, per backend (the numbers and the commands behind them: README, "Speed"):
@@ -166,32 +167,48 @@ def _taps_forward(x, kernel, strides, padding, groups):
       n, ho, wo, out_channels)
 
 
-def _taps_input_grad(dy, kernel, x_shape, strides, padding, groups):
-  """Input gradient of `_taps_forward`, one output phase (position mod stride) at a time.
+def _input_grad_by_phase(x_shape, kernel_shape, strides, padding, dtype, phase):
+  """An input gradient assembled from its phases (input position modulo the stride).
 
-  Input row y = s*u + a receives output rows q = u + (a + pad - dh) / s through the
-  taps dh with (a + pad - dh) divisible by s: a stride-1 multiply-add per phase, with the
-  kernel's in and out swapped, instead of a convolution of a zero-dilated gradient.
+  Input row y = s*u + a receives output rows q = u + (a + pad - dh) / s through the taps
+  dh with (a + pad - dh) divisible by s: per phase a stride-1 sum over those taps, with
+  no work spent on the zeros of a dilated gradient. `phase(taps_h, taps_w, size)`
+  computes one phase, `[n, *size, channels]`, from its (tap, output offset) pairs
+  (offsets descending) for rows and columns.
   """
-  n, h, w, _ = x_shape
-  kh, kw, width_in, out_channels = kernel.shape
-  ho, wo = dy.shape[1:3]
+  n, h, w, channels = x_shape
+  kh, kw = kernel_shape[:2]
   sh, sw = strides
-  phase_h, phase_w = -(-h // sh), -(-w // sw)
-  k_transposed = _weights_by_group(kernel, groups, transpose=True)
+  size = (-(-h // sh), -(-w // sw))
 
-  def phase_taps(a, stride, pad, k_size):
+  def taps(a, stride, pad, k_size):
     return [(d, (a + pad - d) // stride) for d in range(k_size)
             if (a + pad - d) % stride == 0]
 
-  def phase(taps_h, taps_w):
+  def one_phase(a, b):
+    taps_h, taps_w = taps(a, sh, padding[0][0], kh), taps(b, sw, padding[1][0], kw)
     if not taps_h or not taps_w:
-      return jnp.zeros((n, phase_h, phase_w, groups * width_in), jnp.float32)
+      return jnp.zeros((n,) + size + (channels,), dtype)
+    return phase(taps_h, taps_w, size)
+
+  dx = jnp.stack([jnp.stack([one_phase(a, b) for b in range(sw)], axis=3)
+                  for a in range(sh)], axis=2)  # [n, size_h, sh, size_w, sw, channels]
+  return dx.reshape(n, size[0] * sh, size[1] * sw, channels)[:, :h, :w]
+
+
+def _taps_input_grad(dy, kernel, x_shape, strides, padding, groups):
+  """Input gradient of `_taps_forward`: per phase a multiply-add with in and out swapped."""
+  n = x_shape[0]
+  out_channels = kernel.shape[3]
+  ho, wo = dy.shape[1:3]
+  k_transposed = _weights_by_group(kernel, groups, transpose=True)
+
+  def phase(taps_h, taps_w, size):
     # Pad dy so that every tap's window of phase positions stays inside.
     lo_h = max(0, -min(o for _, o in taps_h))
-    hi_h = max(0, phase_h - 1 + max(o for _, o in taps_h) - (ho - 1))
+    hi_h = max(0, size[0] - 1 + max(o for _, o in taps_h) - (ho - 1))
     lo_w = max(0, -min(o for _, o in taps_w))
-    hi_w = max(0, phase_w - 1 + max(o for _, o in taps_w) - (wo - 1))
+    hi_w = max(0, size[1] - 1 + max(o for _, o in taps_w) - (wo - 1))
 
     def compute(dy, k):
       dyp = jnp.pad(dy.reshape(n, ho, wo, groups, out_channels // groups),
@@ -199,17 +216,13 @@ def _taps_input_grad(dy, kernel, x_shape, strides, padding, groups):
       windows, weights = [], []
       for dh, oh in taps_h:
         for dw, ow in taps_w:
-          windows.append(strided_window(dyp, oh + lo_h, ow + lo_w, phase_h, phase_w, 1, 1))
+          windows.append(strided_window(dyp, oh + lo_h, ow + lo_w, size[0], size[1], 1, 1))
           weights.append(k[dh, dw])
       return _multiply_add(windows, weights)
 
-    return _stored(compute, dy, k_transposed).reshape(n, phase_h, phase_w, -1)
+    return _stored(compute, dy, k_transposed).reshape(n, size[0], size[1], -1)
 
-  dx = jnp.stack([
-      jnp.stack([phase(phase_taps(a, sh, padding[0][0], kh),
-                       phase_taps(b, sw, padding[1][0], kw)) for b in range(sw)], axis=3)
-      for a in range(sh)], axis=2)  # [n, phase_h, sh, phase_w, sw, channels]
-  return dx.reshape(n, phase_h * sh, phase_w * sw, -1)[:, :h, :w]
+  return _input_grad_by_phase(x_shape, kernel.shape, strides, padding, jnp.float32, phase)
 
 
 def _kernel_grad_rows(x, dy, kernel_shape, strides, padding, groups):
@@ -315,17 +328,28 @@ def _swapped_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
   return dk.transpose(1, 2, 0, 3)
 
 
-def _native_input_grad(dy, kernel, padding, groups):
-  """Input gradient of a stride-1 grouped convolution by the C++ forward kernel.
+def _native_input_grad(dy, kernel, x_shape, strides, padding, groups):
+  """Input gradient by the C++ forward kernel, a stride-1 convolution of dy per phase.
 
-  At stride 1 it is a forward convolution of dy with the taps flipped, input and output
-  channels swapped within each group, and the padding mirrored.
+  A phase's taps, lowest tap first, read dy from the highest offset down: the
+  convolution's kernel is those taps in reverse order (at stride 1, the flipped kernel),
+  with input and output channels swapped within each group.
   """
-  kh, kw, width, _ = kernel.shape
-  swapped = kernel[::-1, ::-1].reshape(kh, kw, width, groups, width).transpose(
-      0, 1, 4, 3, 2).reshape(kh, kw, width, groups * width)
-  mirrored = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), padding))
-  return cpu_kernels.grouped_conv_forward(dy, swapped, (1, 1), mirrored, groups)
+  kh, kw, width, channels = kernel.shape
+  ho, wo = dy.shape[1:3]
+  swapped = kernel.reshape(kh, kw, width, groups, width).transpose(0, 1, 4, 3, 2).reshape(
+      kh, kw, width, channels)
+
+  def phase(taps_h, taps_w, size):
+    sub_kernel = swapped[jnp.array([d for d, _ in taps_h[::-1]])][
+        :, jnp.array([d for d, _ in taps_w[::-1]])]
+    top, left = -taps_h[-1][1], -taps_w[-1][1]
+    bottom = size[0] - 1 + len(taps_h) - ho - top
+    right = size[1] - 1 + len(taps_w) - wo - left
+    return cpu_kernels.grouped_conv_forward(dy, sub_kernel, (1, 1),
+                                            ((top, bottom), (left, right)), groups)
+
+  return _input_grad_by_phase(x_shape, kernel.shape, strides, padding, dy.dtype, phase)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -343,19 +367,22 @@ def _grouped_conv_fwd(x, kernel, strides, padding, groups, native):
 
 def _grouped_conv_bwd(strides, padding, groups, native, residuals, dy):
   x, kernel = residuals
-  native_dx = (native and strides == (1, 1) and cpu_kernels.supports(kernel.shape, groups))
-  if kernel.shape[2] <= MAX_TAPS_GROUP_WIDTH:
-    dx = (_native_input_grad(dy, kernel, padding, groups) if native_dx else
-          _taps_input_grad(dy, kernel, x.shape, strides, padding, groups))
+  native = native and cpu_kernels.supports(kernel.shape, groups)
+  narrow = kernel.shape[2] <= MAX_TAPS_GROUP_WIDTH
+  if native:
+    dx = _native_input_grad(dy, kernel, x.shape, strides, padding, groups)
+  elif narrow:
+    dx = _taps_input_grad(dy, kernel, x.shape, strides, padding, groups)
+  else:
+    _, input_vjp = jax.vjp(lambda x: _conv_xla(x, kernel, strides, padding, groups), x)
+    dx, = input_vjp(dy)
+  if native:
+    dk = cpu_kernels.grouped_conv_kernel_grad(x, dy, kernel.shape, strides, padding, groups)
+  elif narrow:
     kernel_grad = (_outer_product_kernel_grad if kernel.shape[2] <= 8
                    else _row_contraction_kernel_grad)
     dk = kernel_grad(x, dy, kernel.shape, strides, padding, groups)
   else:
-    if native_dx:
-      dx = _native_input_grad(dy, kernel, padding, groups)
-    else:
-      _, input_vjp = jax.vjp(lambda x: _conv_xla(x, kernel, strides, padding, groups), x)
-      dx, = input_vjp(dy)
     dk = _swapped_kernel_grad(x, dy, kernel.shape, strides, padding, groups)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 

@@ -37,11 +37,11 @@ def test_a_build_is_cached_by_source_and_toolchain(tmp_path, monkeypatch):
 
 def test_a_failed_build_reports_the_command_and_leaves_nothing(tmp_path, monkeypatch):
   broken = tmp_path / 'broken-c++'
-  broken.write_text('#!/bin/sh\necho "no such flag" >&2\nexit 1\n')
+  broken.write_text('#!/bin/sh\necho "error: no such flag" >&2\nexit 1\n')
   broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
   cache = tmp_path / 'cache'
   monkeypatch.setenv('RESNEXT_JAX_CACHE', str(cache))
-  with pytest.raises(RuntimeError, match=r'broken-c\+\+ .*failed:\nno such flag'):
+  with pytest.raises(RuntimeError, match=r'broken-c\+\+ .*failed:\nerror: no such flag'):
     cpu_kernels._build(str(broken))
   assert os.listdir(cache) == []
 
