@@ -492,13 +492,19 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
 }
 
 
+@functools.cache
+def _warn_native_unavailable():
+  """Says once per process why 'auto' runs 'taps' on this CPU."""
+  logging.warning("conv_impl 'auto' uses 'taps': the C++ kernel of 'native' %s.",
+                  cpu_kernels.unavailable_reason())
+
+
 def resolve_impl(impl: str) -> str:
   """Maps a requested implementation name to a concrete one ('auto': per backend)."""
   if impl == 'auto':
     impl = AUTO_IMPL.get(jax.default_backend(), 'xla')
     if impl == 'native' and cpu_kernels.unavailable_reason():
-      logging.warning("conv_impl 'auto' uses 'taps': the C++ kernel of 'native' %s.",
-                      cpu_kernels.unavailable_reason())
+      _warn_native_unavailable()
       return 'taps'
     return impl
   if impl not in IMPLEMENTATIONS:

@@ -4,6 +4,7 @@ Its results are checked against XLA's with every other implementation, in
 tests/test_grouped_conv.py (conv_impl 'native').
 """
 
+import logging
 import os
 import platform
 import stat
@@ -46,11 +47,16 @@ def test_a_failed_build_reports_the_command_and_leaves_nothing(tmp_path, monkeyp
   assert os.listdir(cache) == []
 
 
-def test_without_the_kernel_auto_falls_back_and_native_names_the_fix(monkeypatch):
+def test_without_the_kernel_auto_falls_back_and_native_names_the_fix(monkeypatch, caplog):
   monkeypatch.setattr(cpu_kernels, 'unavailable_reason',
                       lambda: 'needs a C++ compiler (set $CXX, or install g++ or clang++)')
+  grouped_conv._warn_native_unavailable.cache_clear()
   assert jax.default_backend() == 'cpu'
-  assert grouped_conv.resolve_impl('auto') == 'taps'
+  with caplog.at_level(logging.WARNING):
+    assert [grouped_conv.resolve_impl('auto') for _ in range(3)] == ['taps'] * 3
+  warnings = [r.getMessage() for r in caplog.records if 'needs a C++ compiler' in r.getMessage()]
+  assert len(warnings) == 1, warnings  # once per process, not once per convolution
+  grouped_conv._warn_native_unavailable.cache_clear()
   with pytest.raises(ValueError, match=r"'native' is unavailable here.*needs a C\+\+ "
                      r"compiler.*Use 'taps' instead"):
     grouped_conv.resolve_impl('native')
