@@ -252,6 +252,7 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (xd[3] != g.groups * width || yd[3] != xd[3] || yd[0] != xd[0] ||
       kd[1] * kd[5] != width)
     return ffi::Error::InvalidArgument("grouped conv: channels do not match the kernel");
+  if (g.ho == 0 || g.wo == 0) return ffi::Error::Success();  // nothing to compute
   const float* xp = x.typed_data();
   const float* kp = kernel.typed_data();
   float* yp = y->typed_data();
@@ -284,6 +285,10 @@ ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   const float* dyp = dy.typed_data();
   float* dkp = dk->typed_data();
+  if (g.ho == 0 || g.wo == 0) {  // no output, so no gradient (and no input extent to copy)
+    std::fill(dkp, dkp + dk->element_count(), 0.f);
+    return ffi::Error::Success();
+  }
   switch (width) {
     case 8: RunKernelGrad<8>(pool, xp, dyp, dkp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
     case 16: RunKernelGrad<16>(pool, xp, dyp, dkp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;

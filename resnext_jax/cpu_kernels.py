@@ -18,6 +18,7 @@ import hashlib
 import importlib.metadata
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -44,9 +45,14 @@ def _cpu_has_avx2_fma() -> bool:
   return 'avx2' in flags and 'fma' in flags
 
 
-def _compiler() -> str | None:
-  candidates = [os.environ.get('CXX'), 'c++', 'g++', 'clang++']
-  return next((shutil.which(c) for c in candidates if c and shutil.which(c)), None)
+def _compiler() -> list[str] | None:
+  """The compiler command: `$CXX` (which may start with a launcher, e.g. `ccache g++`)
+  if set, else the first of c++, g++ and clang++ on the PATH; None if not found."""
+  if os.environ.get('CXX'):
+    command = shlex.split(os.environ['CXX'])
+    return command if command and shutil.which(command[0]) else None
+  found = next((shutil.which(c) for c in ('c++', 'g++', 'clang++') if shutil.which(c)), None)
+  return [found] if found else None
 
 
 def _cache_dir() -> str:
@@ -54,12 +60,12 @@ def _cache_dir() -> str:
                         os.path.join(os.path.expanduser('~'), '.cache', 'resnext_jax'))
 
 
-def _build(compiler: str) -> str:
+def _build(compiler: list[str]) -> str:
   """Compiles the kernel unless a build for this source and toolchain is cached."""
   with open(SOURCE, 'rb') as f:
     source = f.read()
   key = hashlib.sha256(b'\0'.join([
-      source, ' '.join(FLAGS).encode(), compiler.encode(),
+      source, ' '.join(FLAGS).encode(), ' '.join(compiler).encode(),
       importlib.metadata.version('jaxlib').encode()])).hexdigest()[:16]
   library = os.path.join(_cache_dir(), f'cpu_grouped_conv_{key}.so')
   if os.path.exists(library):
@@ -69,14 +75,18 @@ def _build(compiler: str) -> str:
   # partial library.
   fd, partial = tempfile.mkstemp(suffix='.so', dir=_cache_dir())
   os.close(fd)
-  command = [compiler, *FLAGS, '-isystem', jax.ffi.include_dir(), SOURCE, '-o', partial]
-  result = subprocess.run(command, capture_output=True, text=True, check=False)
-  if result.returncode != 0:
-    os.unlink(partial)
-    errors = [line for line in result.stderr.splitlines() if 'error' in line]
-    raise RuntimeError(f'{" ".join(command)} failed:\n'
-                       + '\n'.join(errors[:5] or result.stderr.splitlines()[-5:]))
-  os.replace(partial, library)
+  try:
+    command = [*compiler, *FLAGS, '-isystem', jax.ffi.include_dir(), SOURCE, '-o', partial]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+      errors = [line for line in result.stderr.splitlines() if 'error' in line]
+      raise RuntimeError(f'{" ".join(command)} failed:\n'
+                         + '\n'.join(errors[:5] or result.stderr.splitlines()[-5:]))
+    os.chmod(partial, 0o755)  # mkstemp's 0600 would lock out others sharing the cache
+    os.replace(partial, library)
+  finally:
+    if os.path.exists(partial):
+      os.unlink(partial)
   return library
 
 
@@ -89,10 +99,12 @@ def unavailable_reason() -> str | None:
     return 'needs a CPU with AVX2 and FMA'
   compiler = _compiler()
   if compiler is None:
+    if os.environ.get('CXX'):
+      return f'needs a C++ compiler: $CXX is {os.environ["CXX"]!r}, not found on the PATH'
     return 'needs a C++ compiler (set $CXX, or install g++ or clang++)'
   try:
     library = ctypes.cdll.LoadLibrary(_build(compiler))
-  except (OSError, RuntimeError) as e:
+  except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     return f'could not build {SOURCE}: {e}'
   jax.ffi.register_ffi_target(
       FORWARD_TARGET, jax.ffi.pycapsule(library.ResnextGroupedConvForward), platform='cpu')

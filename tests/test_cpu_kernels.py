@@ -10,6 +10,7 @@ import platform
 import stat
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from resnext_jax import cpu_kernels
@@ -34,6 +35,24 @@ def test_a_build_is_cached_by_source_and_toolchain(tmp_path, monkeypatch):
   assert cpu_kernels._build(cpu_kernels._compiler()) == library
   assert os.stat(library).st_mtime_ns == built_at
   assert os.listdir(tmp_path) == [os.path.basename(library)]  # no partial files left
+  assert os.stat(library).st_mode & 0o055 == 0o055  # loadable by others sharing the cache
+
+
+def test_cxx_may_carry_a_launcher_and_a_missing_one_is_named(monkeypatch):
+  if cpu_kernels._compiler() is None:
+    pytest.skip('no C++ compiler')
+  compiler = cpu_kernels._compiler()[0]
+  monkeypatch.setenv('CXX', f'env {compiler}')
+  assert cpu_kernels._compiler() == ['env', compiler]
+  monkeypatch.setenv('CXX', 'no-such-compiler++')
+  assert cpu_kernels._compiler() is None
+  cpu_kernels.unavailable_reason.cache_clear()
+  try:
+    assert "$CXX is 'no-such-compiler++', not found" in cpu_kernels.unavailable_reason()
+  finally:
+    monkeypatch.delenv('CXX')
+    cpu_kernels.unavailable_reason.cache_clear()
+    assert cpu_kernels.unavailable_reason() is None
 
 
 def test_a_failed_build_reports_the_command_and_leaves_nothing(tmp_path, monkeypatch):
@@ -43,7 +62,7 @@ def test_a_failed_build_reports_the_command_and_leaves_nothing(tmp_path, monkeyp
   cache = tmp_path / 'cache'
   monkeypatch.setenv('RESNEXT_JAX_CACHE', str(cache))
   with pytest.raises(RuntimeError, match=r'broken-c\+\+ .*failed:\nerror: no such flag'):
-    cpu_kernels._build(str(broken))
+    cpu_kernels._build([str(broken)])
   assert os.listdir(cache) == []
 
 
@@ -60,6 +79,22 @@ def test_without_the_kernel_auto_falls_back_and_native_names_the_fix(monkeypatch
   with pytest.raises(ValueError, match=r"'native' is unavailable here.*needs a C\+\+ "
                      r"compiler.*Use 'taps' instead"):
     grouped_conv.resolve_impl('native')
+
+
+def test_a_convolution_with_no_output_has_a_zero_weight_gradient():
+  if cpu_kernels.unavailable_reason():
+    pytest.skip(cpu_kernels.unavailable_reason())
+  x = jnp.ones((1, 2, 5, 16))
+  kernel = jnp.ones((3, 3, 8, 16))
+
+  def conv(impl):  # a stride of 4 over 2 unpadded rows: no output rows at all
+    return lambda k: grouped_conv.conv2d(x, k, strides=(4, 1), padding=((0, 0), (1, 1)),
+                                         groups=2, impl=impl)
+
+  for impl in ('native', 'xla'):
+    y, vjp = jax.vjp(conv(impl), kernel)
+    assert y.shape == (1, 0, 5, 16)
+    assert not jnp.any(vjp(jnp.zeros_like(y))[0])
 
 
 def test_supports_the_widths_of_the_published_archs():
