@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -28,6 +29,10 @@ namespace ffi = xla::ffi;
 namespace {
 
 struct Geometry {
+  Geometry(int64_t groups, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ho,
+           int64_t wo)
+      : groups(groups), kh(kh), kw(kw), sh(sh), sw(sw),
+        hp((ho - 1) * sh + kh), wp((wo - 1) * sw + kw), ho(ho), wo(wo) {}
   int64_t groups, kh, kw, sh, sw;
   int64_t hp, wp;  // extent of the zero-padded input that the outputs read
   int64_t ho, wo;
@@ -235,6 +240,20 @@ void RunKernelGrad(ffi::ThreadPool& pool, const float* x, const float* dy, float
   });
 }
 
+// Calls fn(std::integral_constant<int, W>()) for the group widths the kernels are
+// compiled for; false for any other width.
+template <typename Fn>
+bool WithWidth(int64_t width, const Fn& fn) {
+  switch (width) {
+    case 8: fn(std::integral_constant<int, 8>()); return true;
+    case 16: fn(std::integral_constant<int, 16>()); return true;
+    case 32: fn(std::integral_constant<int, 32>()); return true;
+    default: return false;
+  }
+}
+
+const char kWidthError[] = "grouped conv: group width must be 8, 16 or 32";
+
 ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
                               int64_t stride_h, int64_t stride_w, int64_t pad_top,
@@ -246,24 +265,16 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("grouped conv: expected x [N,H,W,C], kernel "
                                        "[G,W/CO,kh,kw,W,CO] and y [N,Ho,Wo,C]");
   const int64_t width = kd[4];
-  Geometry g{kd[0], kd[2], kd[3], stride_h, stride_w, 0, 0, yd[1], yd[2]};
-  g.hp = (g.ho - 1) * g.sh + g.kh;
-  g.wp = (g.wo - 1) * g.sw + g.kw;
+  const Geometry g(kd[0], kd[2], kd[3], stride_h, stride_w, yd[1], yd[2]);
   if (xd[3] != g.groups * width || yd[3] != xd[3] || yd[0] != xd[0] ||
       kd[1] * kd[5] != width)
     return ffi::Error::InvalidArgument("grouped conv: channels do not match the kernel");
   if (g.ho == 0 || g.wo == 0) return ffi::Error::Success();  // nothing to compute
-  const float* xp = x.typed_data();
-  const float* kp = kernel.typed_data();
-  float* yp = y->typed_data();
-  switch (width) {
-    case 8: RunForward<8>(pool, xp, kp, yp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
-    case 16: RunForward<16>(pool, xp, kp, yp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
-    case 32: RunForward<32>(pool, xp, kp, yp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
-    default:
-      return ffi::Error::InvalidArgument("grouped conv: group width must be 8, 16 or 32");
-  }
-  return ffi::Error::Success();
+  const bool known_width = WithWidth(width, [&](auto w) {
+    RunForward<decltype(w)::value>(pool, x.typed_data(), kernel.typed_data(),
+                                   y->typed_data(), xd[0], xd[1], xd[2], pad_top, pad_left, g);
+  });
+  return known_width ? ffi::Error::Success() : ffi::Error::InvalidArgument(kWidthError);
 }
 
 ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -277,48 +288,38 @@ ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("grouped conv kernel grad: expected x [N,H,W,C], "
                                        "dy [N,Ho,Wo,C] and dk [G,kh,kw,W,W]");
   const int64_t width = kd[3];
-  Geometry g{kd[0], kd[1], kd[2], stride_h, stride_w, 0, 0, yd[1], yd[2]};
-  g.hp = (g.ho - 1) * g.sh + g.kh;
-  g.wp = (g.wo - 1) * g.sw + g.kw;
+  const Geometry g(kd[0], kd[1], kd[2], stride_h, stride_w, yd[1], yd[2]);
   if (xd[3] != g.groups * width || yd[3] != xd[3] || yd[0] != xd[0] || kd[4] != width)
     return ffi::Error::InvalidArgument("grouped conv kernel grad: channels do not match");
-  const float* xp = x.typed_data();
-  const float* dyp = dy.typed_data();
   float* dkp = dk->typed_data();
   if (g.ho == 0 || g.wo == 0) {  // no output, so no gradient (and no input extent to copy)
     std::fill(dkp, dkp + dk->element_count(), 0.f);
     return ffi::Error::Success();
   }
-  switch (width) {
-    case 8: RunKernelGrad<8>(pool, xp, dyp, dkp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
-    case 16: RunKernelGrad<16>(pool, xp, dyp, dkp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
-    case 32: RunKernelGrad<32>(pool, xp, dyp, dkp, xd[0], xd[1], xd[2], pad_top, pad_left, g); break;
-    default:
-      return ffi::Error::InvalidArgument("grouped conv: group width must be 8, 16 or 32");
-  }
-  return ffi::Error::Success();
+  const bool known_width = WithWidth(width, [&](auto w) {
+    RunKernelGrad<decltype(w)::value>(pool, x.typed_data(), dy.typed_data(), dkp, xd[0],
+                                      xd[1], xd[2], pad_top, pad_left, g);
+  });
+  return known_width ? ffi::Error::Success() : ffi::Error::InvalidArgument(kWidthError);
+}
+
+// Both handlers take two float32 arrays, return one, and read the same attributes.
+auto TwoArraysToOne() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("stride_h")
+      .Attr<int64_t>("stride_w")
+      .Attr<int64_t>("pad_top")
+      .Attr<int64_t>("pad_left");
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextGroupedConvKernelGrad, GroupedConvKernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextGroupedConvForward, GroupedConvForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
+                              TwoArraysToOne());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextGroupedConvKernelGrad, GroupedConvKernelGrad,
+                              TwoArraysToOne());

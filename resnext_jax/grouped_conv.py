@@ -514,9 +514,10 @@ def resolve_impl(impl: str) -> str:
     if jax.default_backend() != 'cpu':
       raise ValueError(f"conv_impl 'native' runs on CPU only; this is a "
                        f"{jax.default_backend()} backend: use 'auto' or 'xla'.")
-    if cpu_kernels.unavailable_reason():
+    reason = cpu_kernels.unavailable_reason()
+    if reason:
       raise ValueError(f"conv_impl 'native' is unavailable here: its C++ kernel "
-                       f"{cpu_kernels.unavailable_reason()}. Use 'taps' instead.")
+                       f"{reason}. Use 'taps' instead.")
   return impl
 
 
