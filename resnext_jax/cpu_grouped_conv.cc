@@ -14,17 +14,16 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
+#include "cpu_ffi_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using resnext_jax::ParallelFor;
+using resnext_jax::TwoArraysToOne;
 
 namespace {
 
@@ -187,37 +186,6 @@ void KernelGradOfGroup(const float* x, const float* dy, float* dk, int64_t n_ima
   }
 }
 
-// Runs fn(i) for i in [0, count) on the calling thread and on XLA's thread pool.
-// Every thread takes items from a shared counter, so the caller never waits for a task
-// that has not started: XLA may run several of these handlers at once, on all of the
-// pool's threads, and a caller that waited for its queued tasks would then wait forever.
-// A helper task that starts after all items are taken returns at once; the shared state
-// is reference-counted, as such a task may outlive the call.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, const F& fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, finished{0};
-    std::mutex mu;
-    std::condition_variable all_finished;
-  };
-  auto state = std::make_shared<State>();
-  const F* work = &fn;  // used only while items remain, i.e. while the caller waits
-  auto drain = [state, work, count] {
-    for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
-      (*work)(i);
-      if (state->finished.fetch_add(1) + 1 == count) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->all_finished.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(drain)(drain));
-  drain();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->all_finished.wait(lock, [&] { return state->finished.load() == count; });
-}
-
 template <int W>
 void RunForward(ffi::ThreadPool& pool, const float* x, const float* k, float* y,
                 int64_t n_images, int64_t h, int64_t w, int64_t pad_top, int64_t pad_left,
@@ -301,19 +269,6 @@ ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                       xd[1], xd[2], pad_top, pad_left, g);
   });
   return known_width ? ffi::Error::Success() : ffi::Error::InvalidArgument(kWidthError);
-}
-
-// Both handlers take two float32 arrays, return one, and read the same attributes.
-auto TwoArraysToOne() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::Buffer<ffi::F32>>()
-      .Attr<int64_t>("stride_h")
-      .Attr<int64_t>("stride_w")
-      .Attr<int64_t>("pad_top")
-      .Attr<int64_t>("pad_left");
 }
 
 }  // namespace

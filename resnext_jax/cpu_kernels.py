@@ -1,11 +1,13 @@
-"""The C++ grouped convolution and its weight gradient (`cpu_grouped_conv.cc`), compiled on first use.
+"""The C++ convolutions of `conv_impl='native'`, compiled on first use.
 
-Why a native kernel: on CPU, XLA's grouped convolution and every formulation of it in
-XLA ops that we tried leave the vector units mostly idle on the 8- to 32-wide groups of
-a ResNeXt's later stages; the kernel keeps a block of outputs in registers and runs
-those layers 2-4x faster (README, "Speed").
+* `cpu_grouped_conv.cc`: the grouped convolution and its weight gradient. XLA's grouped
+  convolution, and every formulation of it in XLA ops that we tried, leaves the vector
+  units mostly idle on the 8- to 32-wide groups of a ResNeXt; the kernel keeps a block
+  of outputs in registers and runs those layers 2-4x faster (README, "Speed").
+* `cpu_stem_conv.cc`: the weight gradient of the stem (a dense convolution of few input
+  channels), which XLA ran at a fraction of the machine's speed.
 
-The source is compiled once per machine with the system's C++ compiler (`$CXX`, else
+The sources are compiled once per machine with the system's C++ compiler (`$CXX`, else
 `c++`, `g++` or `clang++`) against the XLA FFI headers that jaxlib ships, and cached
 under `$RESNEXT_JAX_CACHE` (default `~/.cache/resnext_jax`), keyed by the source,
 flags, compiler and jaxlib version. It needs Linux on x86-64 with AVX2 and FMA;
@@ -27,10 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cpu_grouped_conv.cc')
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(_HERE, name)
+                for name in ('cpu_grouped_conv.cc', 'cpu_stem_conv.cc', 'cpu_ffi_common.h'))
 FLAGS = ('-O3', '-mavx2', '-mfma', '-std=c++17', '-shared', '-fPIC')
 FORWARD_TARGET = 'resnext_grouped_conv_forward'
 KERNEL_GRAD_TARGET = 'resnext_grouped_conv_kernel_grad'
+STEM_KERNEL_GRAD_TARGET = 'resnext_stem_conv_kernel_grad'
 # Group widths (input = output channels per group) that the kernel is compiled for.
 WIDTHS = (8, 16, 32)
 
@@ -61,13 +66,15 @@ def _cache_dir() -> str:
 
 
 def _build(compiler: list[str]) -> str:
-  """Compiles the kernel unless a build for this source and toolchain is cached."""
-  with open(SOURCE, 'rb') as f:
-    source = f.read()
+  """Compiles the kernels unless a build for these sources and toolchain is cached."""
+  sources = []
+  for path in SOURCES:
+    with open(path, 'rb') as f:
+      sources.append(f.read())
   key = hashlib.sha256(b'\0'.join([
-      source, ' '.join(FLAGS).encode(), ' '.join(compiler).encode(),
+      *sources, ' '.join(FLAGS).encode(), ' '.join(compiler).encode(),
       importlib.metadata.version('jaxlib').encode()])).hexdigest()[:16]
-  library = os.path.join(_cache_dir(), f'cpu_grouped_conv_{key}.so')
+  library = os.path.join(_cache_dir(), f'cpu_kernels_{key}.so')
   if os.path.exists(library):
     return library
   os.makedirs(_cache_dir(), exist_ok=True)
@@ -76,7 +83,8 @@ def _build(compiler: list[str]) -> str:
   fd, partial = tempfile.mkstemp(suffix='.so', dir=_cache_dir())
   os.close(fd)
   try:
-    command = [*compiler, *FLAGS, '-isystem', jax.ffi.include_dir(), SOURCE, '-o', partial]
+    command = [*compiler, *FLAGS, '-isystem', jax.ffi.include_dir(),
+               *(path for path in SOURCES if path.endswith('.cc')), '-o', partial]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
       errors = [line for line in result.stderr.splitlines() if 'error' in line]
@@ -105,12 +113,11 @@ def unavailable_reason() -> str | None:
   try:
     library = ctypes.cdll.LoadLibrary(_build(compiler))
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-    return f'could not build {SOURCE}: {e}'
-  jax.ffi.register_ffi_target(
-      FORWARD_TARGET, jax.ffi.pycapsule(library.ResnextGroupedConvForward), platform='cpu')
-  jax.ffi.register_ffi_target(
-      KERNEL_GRAD_TARGET, jax.ffi.pycapsule(library.ResnextGroupedConvKernelGrad),
-      platform='cpu')
+    return f'could not be built from {", ".join(SOURCES)}: {e}'
+  for target, handler in ((FORWARD_TARGET, library.ResnextGroupedConvForward),
+                          (KERNEL_GRAD_TARGET, library.ResnextGroupedConvKernelGrad),
+                          (STEM_KERNEL_GRAD_TARGET, library.ResnextStemConvKernelGrad)):
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
   return None
 
 
@@ -146,9 +153,9 @@ def _arranged(kernel, groups):
 
 
 def _require():
-  reason = unavailable_reason()  # compiles and registers the kernel on first use
+  reason = unavailable_reason()  # compiles and registers the kernels on first use
   if reason:
-    raise RuntimeError(f'The C++ grouped convolution {reason}.')
+    raise RuntimeError(f'The C++ convolutions {reason}.')
 
 
 def _attributes(strides, padding):
@@ -190,3 +197,18 @@ def grouped_conv_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
   # [groups, kh, kw, in, out] -> [kh, kw, in, groups * out]
   return dk.reshape(groups, kh, kw, width, width).transpose(1, 2, 3, 0, 4).reshape(
       kh, kw, width, out_channels)
+
+
+def supports_stem(kernel_shape) -> bool:
+  """Whether the stem's weight gradient kernel handles a dense HWIO kernel (outputs in
+  blocks of 16)."""
+  return kernel_shape[3] % 16 == 0
+
+
+def stem_conv_kernel_grad(x, dy, kernel_shape, strides, padding):
+  """Weight gradient (HWIO, float32) of the dense convolution of NHWC `x` with a kernel of
+  `kernel_shape` (HWIO), for output gradient `dy`; meant for few input channels."""
+  _require()
+  call = jax.ffi.ffi_call(STEM_KERNEL_GRAD_TARGET,
+                          jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32))
+  return call(x.astype(jnp.float32), dy.astype(jnp.float32), **_attributes(strides, padding))

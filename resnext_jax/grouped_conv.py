@@ -31,7 +31,8 @@ Implementations:
 * `'native'` (CPU only): `'taps'`, except that grouped convolutions with 4 (in pairs),
   8, 16 or 32 channels per group run in a C++ kernel (`cpu_kernels.py`, compiled on
   first use): the forward pass, the input gradient (as forward passes, one per phase)
-  and the weight gradient.
+  and the weight gradient; and so does the stem's weight gradient (output channels in
+  blocks of 16).
 * `'auto'`: the implementation measured fastest on the default backend (`AUTO_IMPL`).
 
 `AUTO_IMPL`, per backend (the numbers and the commands behind them: README, "Speed"):
@@ -418,20 +419,26 @@ def _im2col_kernel_grad(x, dy, kernel_shape, strides, padding):
   return lax.fori_loop(0, ho // size, body, acc).reshape(kernel_shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _dense_conv(x, kernel, strides, padding):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _dense_conv(x, kernel, strides, padding, native):
+  del native  # only the weight gradient differs
   return _conv_xla(x, kernel, strides, padding, 1)
 
 
-def _dense_conv_fwd(x, kernel, strides, padding):
-  return _dense_conv(x, kernel, strides, padding), (x, kernel)
+def _dense_conv_fwd(x, kernel, strides, padding, native):
+  return _dense_conv(x, kernel, strides, padding, native), (x, kernel)
 
 
-def _dense_conv_bwd(strides, padding, residuals, dy):
+def _dense_conv_bwd(strides, padding, native, residuals, dy):
+  """XLA's input gradient (unused for the stem, whose input is the image) and a fast
+  weight gradient."""
   x, kernel = residuals
   _, input_vjp = jax.vjp(lambda x: _conv_xla(x, kernel, strides, padding, 1), x)
   dx, = input_vjp(dy)
-  dk = _im2col_kernel_grad(x, dy, kernel.shape, strides, padding)
+  if native and cpu_kernels.supports_stem(kernel.shape):
+    dk = cpu_kernels.stem_conv_kernel_grad(x, dy, kernel.shape, strides, padding)
+  else:
+    dk = _im2col_kernel_grad(x, dy, kernel.shape, strides, padding)
   return dx, dk.astype(kernel.dtype)
 
 
@@ -482,7 +489,7 @@ def _conv_taps(x, kernel, strides, padding, groups, native=False):
     return _pointwise(x, kernel, strides)
   if groups > 1:
     return _grouped_conv(x, kernel, strides, padding, groups, native)
-  return _dense_conv(x, kernel, strides, padding)
+  return _dense_conv(x, kernel, strides, padding, native)
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {

@@ -1,6 +1,6 @@
-"""The C++ grouped convolution builds where it can, is cached, and fails with a clear reason.
+"""The C++ kernels build where they can, are cached, and fail with a clear reason.
 
-Its results are checked against XLA's with every other implementation, in
+Their results are checked against XLA's with every other implementation, in
 tests/test_grouped_conv.py (conv_impl 'native').
 """
 
@@ -97,9 +97,22 @@ def test_a_convolution_with_no_output_has_a_zero_weight_gradient():
     assert not jnp.any(vjp(jnp.zeros_like(y))[0])
 
 
+@pytest.mark.parametrize('strides, padding', [((4, 1), ((0, 0), (1, 1))),
+                                              ((1, 4), ((1, 1), (0, 0)))])
+def test_a_stem_convolution_with_no_output_has_a_zero_weight_gradient(strides, padding):
+  if cpu_kernels.unavailable_reason():
+    pytest.skip(cpu_kernels.unavailable_reason())
+  x = jnp.ones((1, 2, 2, 3))
+  dy = jnp.zeros((1, 0, 2, 16)) if strides[0] == 4 else jnp.zeros((1, 2, 0, 16))
+  dk = cpu_kernels.stem_conv_kernel_grad(x, dy, (3, 3, 3, 16), strides, padding)
+  assert dk.shape == (3, 3, 3, 16) and not jnp.any(dk)
+
+
 def test_supports_the_widths_of_the_published_archs():
   for width, groups in [(4, 32), (8, 32), (16, 32), (32, 32), (4, 64)]:
     assert cpu_kernels.supports((3, 3, width, groups * width), groups)
   assert not cpu_kernels.supports((3, 3, 4, 12), 3)  # 4-wide groups run in pairs
   assert not cpu_kernels.supports((3, 3, 2, 8), 4)
   assert not cpu_kernels.supports((3, 3, 64, 64), 1)
+  assert cpu_kernels.supports_stem((7, 7, 3, 64))
+  assert not cpu_kernels.supports_stem((7, 7, 3, 8))  # 'native' keeps the matmul form

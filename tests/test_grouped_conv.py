@@ -32,7 +32,9 @@ CASES = {
     'width32_stride2': ((2, 7, 7, 64), 3, 2, 2, 64),
     'pointwise': ((2, 8, 8, 16), 1, 1, 1, 24),
     'pointwise_stride2_odd': ((2, 9, 9, 16), 1, 2, 1, 24),
-    'stem': ((2, 15, 15, 3), 7, 2, 1, 8),
+    'stem': ((2, 15, 15, 3), 7, 2, 1, 16),
+    'stem_nonsquare': ((1, 12, 9, 3), 7, 2, 1, 32),
+    'stem_8_outputs': ((1, 9, 9, 3), 7, 2, 1, 8),  # 'native' keeps the matmul form
 }
 
 
