@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 
 import jax
+from jax.experimental.custom_partitioning import custom_partitioning
 import jax.numpy as jnp
 import numpy as np
 
@@ -158,6 +159,43 @@ def _require():
     raise RuntimeError(f'The C++ convolutions {reason}.')
 
 
+def _split_over_batch(call, batched, sums_over_batch, rule, reduced=()):
+  """`call(*arrays)` as an op that XLA's SPMD partitioner splits along a sharded leading
+  (batch) axis of its first operand.
+
+  Each device runs the C++ kernel on its own images (`batched` says which operands carry
+  the batch), and a weight gradient (`sums_over_batch`) is then summed over the devices.
+  Left to itself XLA would gather the whole batch onto every device for the custom call,
+  and every device would repeat all the work. `rule` is the op's Shardy sharding rule,
+  `reduced` its factors that the result sums over.
+  """
+  op = custom_partitioning(call)
+
+  def shardings(mesh, arg_shapes):
+    sharding = arg_shapes[0].sharding
+    spec = getattr(sharding, 'spec', None)
+    axis = spec[0] if spec else None  # mesh axis (or axes) of the batch, if any
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+    args = tuple(by_batch if b else replicated for b in batched)
+    return axis, args, replicated if sums_over_batch else by_batch
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    axis, args, result = shardings(mesh, arg_shapes)
+    if sums_over_batch and axis is not None:
+      return mesh, lambda *a: jax.lax.psum(call(*a), axis), result, args
+    return mesh, call, result, args
+
+  def infer_sharding_from_operands(mesh, arg_shapes, result_shape):
+    del result_shape
+    return shardings(mesh, arg_shapes)[2]
+
+  op.def_partition(partition, infer_sharding_from_operands=infer_sharding_from_operands,
+                   sharding_rule=rule, reduction_factors=reduced)
+  return op
+
+
 def _attributes(strides, padding):
   return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
               pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
@@ -169,17 +207,21 @@ def grouped_conv_forward(x, kernel, strides, padding, groups):
   `padding` is explicit ((top, bottom), (left, right)); the result has `x`'s dtype.
   """
   _require()
-  n, h, w, channels = x.shape
+  _, h, w, channels = x.shape
   kh, kw = kernel.shape[:2]
   (top, bottom), (left, right) = padding
   ho = (h + top + bottom - kh) // strides[0] + 1
   wo = (w + left + right - kw) // strides[1] + 1
   if kernel.shape[2] == 4:
     kernel, groups = _paired(kernel, groups), groups // 2
-  call = jax.ffi.ffi_call(FORWARD_TARGET,
-                          jax.ShapeDtypeStruct((n, ho, wo, channels), jnp.float32))
-  y = call(x.astype(jnp.float32), _arranged(kernel.astype(jnp.float32), groups),
-           **_attributes(strides, padding))
+
+  def call(x, k):  # on a device's share of the batch, once split
+    result = jax.ShapeDtypeStruct((x.shape[0], ho, wo, channels), jnp.float32)
+    return jax.ffi.ffi_call(FORWARD_TARGET, result)(x, k, **_attributes(strides, padding))
+
+  forward = _split_over_batch(call, batched=(True, False), sums_over_batch=False,
+                              rule='n h w c, g b kh kw i o -> n p q c')
+  y = forward(x.astype(jnp.float32), _arranged(kernel.astype(jnp.float32), groups))
   return y.astype(x.dtype)
 
 
@@ -191,7 +233,10 @@ def grouped_conv_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
   kernel_groups, kernel_width = (groups // 2, 8) if paired else (groups, width)
   call = jax.ffi.ffi_call(KERNEL_GRAD_TARGET, jax.ShapeDtypeStruct(
       (kernel_groups, kh, kw, kernel_width, kernel_width), jnp.float32))
-  dk = call(x.astype(jnp.float32), dy.astype(jnp.float32), **_attributes(strides, padding))
+  kernel_grad = _split_over_batch(
+      lambda x, dy: call(x, dy, **_attributes(strides, padding)), batched=(True, True),
+      sums_over_batch=True, rule='n h w c, n p q c -> g kh kw i o', reduced=('n',))
+  dk = kernel_grad(x.astype(jnp.float32), dy.astype(jnp.float32))
   if paired:  # keep the diagonal blocks: [groups / 2, 2 (pair), kh, kw, 4, 4]
     dk = jnp.stack([dk[..., :4, :4], dk[..., 4:, 4:]], axis=1)
   # [groups, kh, kw, in, out] -> [kh, kw, in, groups * out]
@@ -211,4 +256,7 @@ def stem_conv_kernel_grad(x, dy, kernel_shape, strides, padding):
   _require()
   call = jax.ffi.ffi_call(STEM_KERNEL_GRAD_TARGET,
                           jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32))
-  return call(x.astype(jnp.float32), dy.astype(jnp.float32), **_attributes(strides, padding))
+  kernel_grad = _split_over_batch(
+      lambda x, dy: call(x, dy, **_attributes(strides, padding)), batched=(True, True),
+      sums_over_batch=True, rule='n h w c, n p q o -> kh kw i o2', reduced=('n',))
+  return kernel_grad(x.astype(jnp.float32), dy.astype(jnp.float32))

@@ -11,6 +11,7 @@ import stat
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from resnext_jax import cpu_kernels
@@ -116,3 +117,29 @@ def test_supports_the_widths_of_the_published_archs():
   assert not cpu_kernels.supports((3, 3, 64, 64), 1)
   assert cpu_kernels.supports_stem((7, 7, 3, 64))
   assert not cpu_kernels.supports_stem((7, 7, 3, 8))  # 'native' keeps the matmul form
+
+
+@pytest.mark.parametrize('kernel_shape, groups', [((3, 3, 8, 32), 4), ((7, 7, 3, 16), 1)])
+def test_each_device_runs_the_kernels_on_its_own_images(kernel_shape, groups):
+  """Under a batch-sharded jit nothing is gathered: every device convolves its share of
+  the batch, and only the weight gradient is summed over devices."""
+  if cpu_kernels.unavailable_reason():
+    pytest.skip(cpu_kernels.unavailable_reason())
+  assert jax.device_count() == 8, 'run through the test suite (tests/conftest.py)'
+  x = jnp.ones((8, 9, 9, kernel_shape[2] * groups))
+  kernel = jnp.ones(kernel_shape)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def loss(x, kernel):
+    y = grouped_conv.conv2d(x, kernel, strides=(2, 2), padding=((1, 1), (1, 1)),
+                            groups=groups, impl='native')
+    return jnp.sum(y * y)
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)), in_shardings=(by_batch, replicated),
+                 out_shardings=(by_batch, replicated))
+  hlo = step.lower(x, kernel).compile().as_text()
+  assert 'all-gather' not in hlo
+  calls = [line for line in hlo.splitlines() if 'custom_call_target="resnext_' in line]
+  assert calls and all(', 9, 9,' not in line and '[8,' not in line for line in calls), calls
