@@ -31,8 +31,8 @@ Implementations:
 * `'native'` (CPU only): `'taps'`, except that grouped convolutions with 4 (in pairs),
   8, 16 or 32 channels per group run in a C++ kernel (`cpu_kernels.py`, compiled on
   first use): the forward pass, the input gradient (as forward passes, one per phase)
-  and the weight gradient; and so does the stem's weight gradient (output channels in
-  blocks of 16).
+  and the weight gradient; and so does the stem's weight gradient (up to
+  `cpu_kernels.MAX_STEM_CHANNELS` input channels, output channels in blocks of 16).
 * `'auto'`: the implementation measured fastest on the default backend (`AUTO_IMPL`).
 
 `AUTO_IMPL`, per backend (the numbers and the commands behind them: README, "Speed"):

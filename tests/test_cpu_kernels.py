@@ -117,6 +117,7 @@ def test_supports_the_widths_of_the_published_archs():
   assert not cpu_kernels.supports((3, 3, 64, 64), 1)
   assert cpu_kernels.supports_stem((7, 7, 3, 64))
   assert not cpu_kernels.supports_stem((7, 7, 3, 8))  # 'native' keeps the matmul form
+  assert not cpu_kernels.supports_stem((3, 3, 64, 64))  # ResNet's dense 3x3 convs
 
 
 @pytest.mark.parametrize('kernel_shape, groups', [((3, 3, 8, 32), 4), ((7, 7, 3, 16), 1)])
