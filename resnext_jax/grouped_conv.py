@@ -39,7 +39,7 @@ Implementations:
 
 | backend | choice | why |
 |---------|--------|-----|
-| cpu     | 'native' | ResNeXt-50 32x4d, batch 16, ratio to torchvision's step: train 0.99-1.04, eval 1.02-1.05; 'taps' 0.90 and 0.92; 'xla' train 0.03. 'taps' where the C++ kernel cannot be built |
+| cpu     | 'native' | ResNeXt-50 32x4d, batch 16, ratio to torchvision's step: train 1.05-1.06, eval 1.03-1.08; 'taps' 0.92 and 0.96; 'xla' train 0.03. 'taps' where the C++ kernel cannot be built |
 | gpu     | 'xla'  | cuDNN's grouped convolutions; not measured here yet (benchmarks/gpu.sh) |
 | tpu     | 'xla'  | not measured; XLA's TPU convolutions handle groups natively |
 """
