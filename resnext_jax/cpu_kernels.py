@@ -9,7 +9,7 @@
 
 The sources are compiled once per machine with the system's C++ compiler (`$CXX`, else
 `c++`, `g++` or `clang++`) against the XLA FFI headers that jaxlib ships, and cached
-under `$RESNEXT_JAX_CACHE` (default `~/.cache/resnext_jax`), keyed by the source,
+under `$RESNEXT_JAX_CACHE` (default `~/.cache/resnext_jax`), keyed by the sources,
 flags, compiler and jaxlib version. It needs Linux on x86-64 with AVX2 and FMA;
 `unavailable_reason()` says what is missing elsewhere.
 """

@@ -110,19 +110,6 @@ void KernelGradRow(const float* x, const float* dy, float* dk, const StemGeometr
 // enough for the pool's threads to share the work when some run slower than others.
 constexpr int64_t kGradChunks = 8;
 
-ffi::Error Check(const StemGeometry& g) {
-  if (g.co % kBlock != 0)
-    return ffi::Error::InvalidArgument("stem conv: output channels must be a multiple of 16");
-  return ffi::Error::Success();
-}
-
-StemGeometry MakeGeometry(ffi::Span<const int64_t> xd, int64_t kh, int64_t kw,
-                          ffi::Span<const int64_t> yd, int64_t sh, int64_t sw,
-                          int64_t pad_top, int64_t pad_left) {
-  return StemGeometry{xd[0], xd[1], xd[2], xd[3], kh, kw, sh, sw,
-                      pad_top, pad_left, yd[1], yd[2], yd[3]};
-}
-
 ffi::Error StemConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
                               int64_t stride_h, int64_t stride_w, int64_t pad_top,
@@ -131,9 +118,10 @@ ffi::Error StemConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (xd.size() != 4 || yd.size() != 4 || kd.size() != 4)
     return ffi::Error::InvalidArgument(
         "stem conv kernel grad: expected x [N,H,W,C], dy [N,Ho,Wo,CO], dk [kh,kw,C,CO]");
-  const StemGeometry g = MakeGeometry(xd, kd[0], kd[1], yd, stride_h, stride_w, pad_top,
-                                      pad_left);
-  if (ffi::Error e = Check(g); e.failure()) return e;
+  const StemGeometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], stride_h, stride_w,
+                       pad_top, pad_left, yd[1], yd[2], yd[3]};
+  if (g.co % kBlock != 0)
+    return ffi::Error::InvalidArgument("stem conv: output channels must be a multiple of 16");
   if (kd[2] != g.c || kd[3] != g.co || yd[0] != g.n)
     return ffi::Error::InvalidArgument("stem conv kernel grad: shapes do not match");
   const int64_t size = g.kh * g.row() * g.co;
