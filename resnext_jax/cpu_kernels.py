@@ -6,6 +6,9 @@
   of outputs in registers and runs those layers 2-4x faster (README, "Speed").
 * `cpu_stem_conv.cc`: the weight gradient of the stem (a dense convolution of few input
   channels), which XLA ran at a fraction of the machine's speed.
+* `cpu_pointwise_conv.cc`: a 1x1 convolution with its eval-mode batch norm, residual add
+  and ReLU applied before its outputs leave the registers, where XLA makes separate
+  passes over the output for them.
 
 The sources are compiled once per machine with the system's C++ compiler (`$CXX`, else
 `c++`, `g++` or `clang++`) against the XLA FFI headers that jaxlib ships, and cached
@@ -32,11 +35,13 @@ import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_HERE, name)
-                for name in ('cpu_grouped_conv.cc', 'cpu_stem_conv.cc', 'cpu_ffi_common.h'))
+                for name in ('cpu_grouped_conv.cc', 'cpu_stem_conv.cc', 'cpu_pointwise_conv.cc',
+                             'cpu_ffi_common.h'))
 FLAGS = ('-O3', '-mavx2', '-mfma', '-std=c++17', '-shared', '-fPIC')
 FORWARD_TARGET = 'resnext_grouped_conv_forward'
 KERNEL_GRAD_TARGET = 'resnext_grouped_conv_kernel_grad'
 STEM_KERNEL_GRAD_TARGET = 'resnext_stem_conv_kernel_grad'
+POINTWISE_TARGET = 'resnext_pointwise_conv'
 # Group widths (input = output channels per group) that the kernel is compiled for.
 WIDTHS = (8, 16, 32)
 
@@ -117,7 +122,8 @@ def unavailable_reason() -> str | None:
     return f'could not be built from {", ".join(SOURCES)}: {e}'
   for target, handler in ((FORWARD_TARGET, library.ResnextGroupedConvForward),
                           (KERNEL_GRAD_TARGET, library.ResnextGroupedConvKernelGrad),
-                          (STEM_KERNEL_GRAD_TARGET, library.ResnextStemConvKernelGrad)):
+                          (STEM_KERNEL_GRAD_TARGET, library.ResnextStemConvKernelGrad),
+                          (POINTWISE_TARGET, library.ResnextPointwiseConv)):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
   return None
 
@@ -266,3 +272,36 @@ def stem_conv_kernel_grad(x, dy, kernel_shape, strides, padding):
       lambda x, dy: call(x, dy, **_attributes(strides, padding)), batched=(True, True),
       sums_over_batch=True, rule='n h w c, n p q o -> kh kw i o2', reduced=('n',))
   return kernel_grad(x.astype(jnp.float32), dy.astype(jnp.float32))
+
+
+def supports_pointwise(kernel_shape) -> bool:
+  """Whether the fused 1x1 kernel handles an HWIO kernel: 1x1, outputs in blocks of 16."""
+  return tuple(kernel_shape[:2]) == (1, 1) and kernel_shape[3] % 16 == 0
+
+
+def pointwise_conv(x, kernel, scale, offset, *, stride=1, residual=None, relu=False):
+  """`relu?(conv1x1(x, kernel, stride) * scale + offset + residual)` in one C++ pass,
+  float32: a 1x1 convolution (HWIO `kernel`) and its eval-mode batch norm."""
+  _require()
+  n, h, w, _ = x.shape
+  out_channels = kernel.shape[-1]
+  shape = (n, -(-h // stride), -(-w // stride), out_channels)
+  if residual is not None and residual.shape != shape:
+    raise ValueError(f'residual of shape {residual.shape}; the convolution gives {shape}')
+  with_residual = residual is not None
+
+  def call(x, k, scale, offset, *maybe_residual):
+    result = jax.ShapeDtypeStruct((x.shape[0], *shape[1:]), jnp.float32)
+    empty = jnp.zeros((0,), jnp.float32)
+    return jax.ffi.ffi_call(POINTWISE_TARGET, result)(
+        x, k, scale, offset, *(maybe_residual or (empty,)), stride=np.int64(stride),
+        relu=bool(relu))
+
+  operands = [x, kernel.reshape(kernel.shape[-2:]), scale, offset]
+  rule = 'n h w c, c o, o, o'
+  if with_residual:
+    operands.append(residual)
+    rule += ', n p q o'
+  fused = _split_over_batch(call, batched=(True, False, False, False) + (True,) * with_residual,
+                            sums_over_batch=False, rule=rule + ' -> n p q o')
+  return fused(*(a.astype(jnp.float32) for a in operands))

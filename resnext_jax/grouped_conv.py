@@ -545,6 +545,52 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int] = (1, 1),
   return fn(x, kernel, tuple(strides), tuple(tuple(p) for p in padding), groups)
 
 
+def _normalized_reference(x, kernel, scale, offset, residual, stride, relu):
+  """What `_normalized_pointwise` computes, in XLA ops (and so differentiable)."""
+  y = _pointwise(x, kernel, (stride, stride)) * scale + offset
+  if residual is not None:
+    y = y + residual
+  return jnp.maximum(y, 0) if relu else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _normalized_pointwise(x, kernel, scale, offset, residual, stride, relu):
+  """A 1x1 convolution, its eval-mode batch norm (`* scale + offset`), a residual add
+  and a ReLU in one pass of the C++ kernel."""
+  return cpu_kernels.pointwise_conv(x, kernel, scale, offset, stride=stride,
+                                    residual=residual, relu=relu)
+
+
+def _normalized_pointwise_fwd(x, kernel, scale, offset, residual, stride, relu):
+  return (_normalized_pointwise(x, kernel, scale, offset, residual, stride, relu),
+          (x, kernel, scale, offset, residual))
+
+
+def _normalized_pointwise_bwd(stride, relu, residuals, dy):
+  """Gradients of the XLA form: eval-mode gradients are rare (e.g. frozen batch norms),
+  so only the forward pass gets a kernel of its own."""
+  _, pullback = jax.vjp(
+      lambda *a: _normalized_reference(*a, stride, relu), *residuals)
+  return pullback(dy)
+
+
+_normalized_pointwise.defvjp(_normalized_pointwise_fwd, _normalized_pointwise_bwd)
+
+
+def fuses_normalization(x, kernel, strides, groups, impl) -> bool:
+  """Whether `conv2d_normalized` runs as one fused pass for these arguments: 'native',
+  float32, a 1x1 kernel of one group, equal strides."""
+  return (resolve_impl(impl) == 'native' and groups == 1 and x.dtype == jnp.float32
+          and strides[0] == strides[1] and cpu_kernels.supports_pointwise(kernel.shape))
+
+
+def conv2d_normalized(x, kernel, scale, offset, *, strides, residual=None, relu=False):
+  """`relu?(conv1x1(x, kernel) * scale + offset + residual)`, fused: an eval-mode conv +
+  batch norm (+ shortcut) (+ ReLU) as one pass over the output, where XLA would make a
+  matmul and then further passes (use when `fuses_normalization` says so)."""
+  return _normalized_pointwise(x, kernel, scale, offset, residual, strides[0], relu)
+
+
 class Conv2D(nn.Module):
   """A bias-free convolution with PyTorch padding (k // 2) and a chosen implementation."""
   features: int
@@ -557,7 +603,14 @@ class Conv2D(nn.Module):
       2.0, 'fan_out', 'normal')
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, norm: nn.Module | None = None,
+               residual: jax.Array | None = None, relu: bool = False) -> jax.Array:
+    """`relu?(norm(conv(x)) + residual)`; each of the three is optional.
+
+    `norm` is a `models.BatchNorm`. In eval mode (running statistics) a 1x1
+    convolution and all that follows it run as one fused pass where the implementation
+    has one (`fuses_normalization`); the result is the same either way.
+    """
     k = self.kernel_size
     in_channels = x.shape[-1]
     if in_channels % self.groups:
@@ -566,6 +619,18 @@ class Conv2D(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (k, k, in_channels // self.groups, self.features), jnp.float32)
     pad = k // 2
-    return conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
-                  strides=(self.strides, self.strides), padding=((pad, pad), (pad, pad)),
-                  groups=self.groups, impl=self.impl)
+    x = x.astype(self.dtype)
+    strides = (self.strides, self.strides)
+    if (norm is not None and norm.use_running_average
+        and fuses_normalization(x, kernel, strides, self.groups, self.impl)
+        and (residual is None or residual.dtype == jnp.float32)):
+      scale, offset = norm.running_affine(self.features)
+      return conv2d_normalized(x, kernel, scale, offset, strides=strides,
+                               residual=residual, relu=relu)
+    y = conv2d(x, kernel.astype(self.dtype), strides=strides,
+               padding=((pad, pad), (pad, pad)), groups=self.groups, impl=self.impl)
+    if norm is not None:
+      y = norm(y)
+    if residual is not None:
+      y = y + residual
+    return nn.relu(y) if relu else y

@@ -44,13 +44,27 @@ class BatchNorm(nn.Module):
   scale_init: Callable[..., jax.Array] = nn.initializers.ones
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    features = x.shape[-1]
+  def _variables(self, features: int):
+    """Scale and bias (params), running mean and variance (batch_stats)."""
     scale = self.param('scale', self.scale_init, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    return scale, bias, running_mean, running_var
 
+  def _affine(self, scale, bias, mean, var):
+    multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
+    return multiplier, bias - mean * multiplier
+
+  def running_affine(self, features: int) -> tuple[jax.Array, jax.Array]:
+    """(multiplier, offset) of the eval-mode norm, `x * multiplier + offset` (float32),
+    for a convolution that applies it itself (`grouped_conv.conv2d_normalized`)."""
+    scale, bias, running_mean, running_var = self._variables(features)
+    return self._affine(scale, bias, running_mean.value, running_var.value)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale, bias, running_mean, running_var = self._variables(features)
     if self.use_running_average:
       mean, var = running_mean.value, running_var.value
     else:
@@ -65,8 +79,7 @@ class BatchNorm(nn.Module):
         running_mean.value = m * running_mean.value + (1 - m) * mean
         running_var.value = m * running_var.value + (1 - m) * unbiased_var
 
-    multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
-    offset = bias - mean * multiplier
+    multiplier, offset = self._affine(scale, bias, mean, var)
     return x.astype(self.dtype) * multiplier.astype(self.dtype) + offset.astype(self.dtype)
 
 
@@ -83,20 +96,19 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = self.conv(self.mid_features, 1, name='conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.mid_features, 1, name='conv1')(
+        x, norm=self.norm(name='bn1'), relu=True)
     y = self.conv(self.mid_features, 3, strides=self.strides, groups=self.groups,
-                  name='conv2')(y)
-    y = nn.relu(self.norm(name='bn2')(y))
-    y = self.conv(self.features, 1, name='conv3')(y)
-    last_scale_init = (nn.initializers.zeros if self.zero_init_residual
-                       else nn.initializers.ones)
-    y = self.norm(name='bn3', scale_init=last_scale_init)(y)
+                  name='conv2')(y, norm=self.norm(name='bn2'), relu=True)
     shortcut = x
     if self.downsample:
-      shortcut = self.conv(self.features, 1, strides=self.strides, name='downsample_conv')(x)
-      shortcut = self.norm(name='downsample_bn')(shortcut)
-    return nn.relu(y + shortcut)
+      shortcut = self.conv(self.features, 1, strides=self.strides, name='downsample_conv')(
+          x, norm=self.norm(name='downsample_bn'))
+    last_scale_init = (nn.initializers.zeros if self.zero_init_residual
+                       else nn.initializers.ones)
+    return self.conv(self.features, 1, name='conv3')(
+        y, norm=self.norm(name='bn3', scale_init=last_scale_init), residual=shortcut,
+        relu=True)
 
 
 class ResNeXt(nn.Module):
@@ -125,8 +137,7 @@ class ResNeXt(nn.Module):
     norm = functools.partial(BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              dtype=self.dtype)
-    x = conv(self.base_planes, 7, strides=2, name='conv1')(x)
-    x = nn.relu(norm(name='bn1')(x))
+    x = conv(self.base_planes, 7, strides=2, name='conv1')(x, norm=norm(name='bn1'), relu=True)
     x = pooling.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
                          impl=self.conv_impl)
     for i, num_blocks in enumerate(self.stage_sizes):

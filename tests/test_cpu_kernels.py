@@ -144,3 +144,49 @@ def test_each_device_runs_the_kernels_on_its_own_images(kernel_shape, groups):
   assert 'all-gather' not in hlo
   calls = [line for line in hlo.splitlines() if 'custom_call_target="resnext_' in line]
   assert calls and all(', 9, 9,' not in line and '[8,' not in line for line in calls), calls
+
+
+def test_the_fused_pointwise_kernel_takes_1x1_kernels_with_outputs_in_blocks_of_16():
+  assert cpu_kernels.supports_pointwise((1, 1, 64, 256))
+  assert not cpu_kernels.supports_pointwise((1, 1, 64, 24))
+  assert not cpu_kernels.supports_pointwise((3, 3, 64, 256))
+
+
+def test_the_fused_pointwise_kernel_names_a_residual_of_the_wrong_shape():
+  if cpu_kernels.unavailable_reason():
+    pytest.skip(cpu_kernels.unavailable_reason())
+  with pytest.raises(ValueError, match=r'residual of shape \(1, 4, 4, 16\).*\(1, 2, 2, 16\)'):
+    cpu_kernels.pointwise_conv(jnp.ones((1, 4, 4, 8)), jnp.ones((1, 1, 8, 16)),
+                               jnp.ones(16), jnp.zeros(16), stride=2,
+                               residual=jnp.ones((1, 4, 4, 16)))
+
+
+def test_the_fused_pointwise_kernel_handles_an_empty_batch():
+  if cpu_kernels.unavailable_reason():
+    pytest.skip(cpu_kernels.unavailable_reason())
+  y = jax.jit(lambda x: cpu_kernels.pointwise_conv(
+      x, jnp.ones((1, 1, 8, 16)), jnp.ones(16), jnp.zeros(16), relu=True))(
+          jnp.ones((0, 4, 4, 8)))
+  assert y.shape == (0, 4, 4, 16)
+
+
+def test_each_device_runs_the_fused_pointwise_kernel_on_its_own_images():
+  if cpu_kernels.unavailable_reason():
+    pytest.skip(cpu_kernels.unavailable_reason())
+  assert jax.device_count() == 8, 'run through the test suite (tests/conftest.py)'
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def forward(x, kernel, residual):
+    return cpu_kernels.pointwise_conv(x, kernel, jnp.ones(16), jnp.zeros(16), stride=2,
+                                      residual=residual, relu=True)
+
+  step = jax.jit(forward, in_shardings=(by_batch, replicated, by_batch),
+                 out_shardings=by_batch)
+  hlo = step.lower(jnp.ones((8, 9, 9, 8)), jnp.ones((1, 1, 8, 16)),
+                   jnp.ones((8, 5, 5, 16))).compile().as_text()
+  assert 'all-gather' not in hlo
+  calls = [line for line in hlo.splitlines()
+           if f'custom_call_target="{cpu_kernels.POINTWISE_TARGET}"' in line]
+  assert calls and all('= f32[1,5,5,16]' in line for line in calls), calls  # per device
