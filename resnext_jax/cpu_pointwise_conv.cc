@@ -116,20 +116,23 @@ void Block(const float* x, const float* packed, const Geometry& g, const Epilogu
     const int64_t depth = std::min(kDepthBlock, g.c - k0);
     const bool first = k0 == 0, last = k0 + depth == g.c;
     // Panel p of depth block k0 starts at k0 * co + p * depth * 16 (see Pack).
-    for (int64_t col = n0; col < n1; col += kPanel) {
-      const float* b = packed + k0 * g.co + (col / kPanel) * depth * kPanel;
-      int64_t m = m0;
-      for (; m + kTileRows <= m1; m += kTileRows) {
-        const float* a[kTileRows];
-        for (int r = 0; r < kTileRows; ++r) a[r] = g.InputRow(x, m + r) + k0;
-        Tile<kTileRows>(a, b, depth, y + m * g.co + col, g.co, first, last, e, col,
+    // A tile's inputs (6 x depth floats) stay in L1 while it runs through the block's
+    // weight panels, which stream in order from L2.
+    const float* b0 = packed + k0 * g.co;  // depth block k0 (see Pack)
+    int64_t m = m0;
+    for (; m + kTileRows <= m1; m += kTileRows) {
+      const float* a[kTileRows];
+      for (int r = 0; r < kTileRows; ++r) a[r] = g.InputRow(x, m + r) + k0;
+      for (int64_t col = n0; col < n1; col += kPanel)
+        Tile<kTileRows>(a, b0 + (col / kPanel) * depth * kPanel, depth, y + m * g.co + col,
+                        g.co, first, last, e, col,
                         residual ? residual + m * g.co + col : nullptr);
-      }
-      for (; m < m1; ++m) {
-        const float* a[1] = {g.InputRow(x, m) + k0};
-        Tile<1>(a, b, depth, y + m * g.co + col, g.co, first, last, e, col,
-                residual ? residual + m * g.co + col : nullptr);
-      }
+    }
+    for (; m < m1; ++m) {
+      const float* a[1] = {g.InputRow(x, m) + k0};
+      for (int64_t col = n0; col < n1; col += kPanel)
+        Tile<1>(a, b0 + (col / kPanel) * depth * kPanel, depth, y + m * g.co + col, g.co,
+                first, last, e, col, residual ? residual + m * g.co + col : nullptr);
     }
   }
 }
