@@ -275,8 +275,10 @@ def stem_conv_kernel_grad(x, dy, kernel_shape, strides, padding):
 
 
 def supports_pointwise(kernel_shape) -> bool:
-  """Whether the fused 1x1 kernel handles an HWIO kernel: 1x1, outputs in blocks of 16."""
-  return tuple(kernel_shape[:2]) == (1, 1) and kernel_shape[3] % 16 == 0
+  """Whether the fused 1x1 kernel handles an HWIO kernel: 1x1, some input channels,
+  outputs in blocks of 16."""
+  return (tuple(kernel_shape[:2]) == (1, 1) and kernel_shape[2] > 0
+          and kernel_shape[3] % 16 == 0)
 
 
 def pointwise_conv(x, kernel, scale, offset, *, stride=1, residual=None, relu=False):

@@ -9,9 +9,11 @@
 // its input rows in place instead of from a strided copy.
 //
 // The product is a register-tiled matmul: 6 output pixels x 16 output channels of sums
-// in 12 AVX registers, the input channels in blocks of kDepthBlock (so that a block of
-// pixels' inputs stays in L2), the weights copied once per call into panels of 16
-// output channels ([C / kDepthBlock][CO / 16][kDepthBlock][16]).
+// in 12 AVX registers. The weights are copied once per call into panels of 16 output
+// channels ([C / kDepthBlock][CO / 16][kDepthBlock][16]). A work item is a block of
+// pixels x kColumnBlock output channels; for each block of kDepthBlock input channels
+// its panels (256 KB) stay in L2, and each tile of 6 pixels runs through all of them
+// with its inputs in L1.
 //
 // Layouts: x is NHWC [N, H, W, C]; w is [C, CO]; scale and offset are [CO]; residual
 // is NHWC [N, Ho, Wo, CO] or empty; the output is NHWC [N, Ho, Wo, CO] with
@@ -116,9 +118,7 @@ void Block(const float* x, const float* packed, const Geometry& g, const Epilogu
     const int64_t depth = std::min(kDepthBlock, g.c - k0);
     const bool first = k0 == 0, last = k0 + depth == g.c;
     // Panel p of depth block k0 starts at k0 * co + p * depth * 16 (see Pack).
-    // A tile's inputs (6 x depth floats) stay in L1 while it runs through the block's
-    // weight panels, which stream in order from L2.
-    const float* b0 = packed + k0 * g.co;  // depth block k0 (see Pack)
+    const float* b0 = packed + k0 * g.co;
     int64_t m = m0;
     for (; m + kTileRows <= m1; m += kTileRows) {
       const float* a[kTileRows];
@@ -160,7 +160,7 @@ ffi::Error PointwiseConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument(
         "pointwise conv: expected x [N,H,W,C], w [C,CO], y [N,Ho,Wo,CO]");
   const Geometry g{xd[0], xd[1], xd[2], xd[3], stride, yd[1], yd[2], yd[3]};
-  if (stride < 1 || wd[0] != g.c || wd[1] != g.co || yd[0] != g.n ||
+  if (stride < 1 || g.c == 0 || wd[0] != g.c || wd[1] != g.co || yd[0] != g.n ||
       g.ho != (g.h + stride - 1) / stride || g.wo != (g.w + stride - 1) / stride ||
       scale.element_count() != g.co || offset.element_count() != g.co)
     return ffi::Error::InvalidArgument("pointwise conv: shapes do not match");

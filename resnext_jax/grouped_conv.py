@@ -33,6 +33,9 @@ Implementations:
   first use): the forward pass, the input gradient (as forward passes, one per phase)
   and the weight gradient; and so does the stem's weight gradient (up to
   `cpu_kernels.MAX_STEM_CHANNELS` input channels, output channels in blocks of 16).
+  In eval mode a 1x1 convolution, the batch norm after it, the shortcut added to it and
+  its ReLU run as one C++ pass (`conv2d_normalized`, used by `Conv2D` when given the
+  norm; float32, output channels in blocks of 16).
 * `'auto'`: the implementation measured fastest on the default backend (`AUTO_IMPL`).
 
 `AUTO_IMPL`, per backend (the numbers and the commands behind them: README, "Speed"):

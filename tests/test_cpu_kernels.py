@@ -147,9 +147,11 @@ def test_each_device_runs_the_kernels_on_its_own_images(kernel_shape, groups):
 
 
 def test_the_fused_pointwise_kernel_takes_1x1_kernels_with_outputs_in_blocks_of_16():
+  """Which convolutions `conv2d_normalized` may run (else Conv2D keeps XLA's ops)."""
   assert cpu_kernels.supports_pointwise((1, 1, 64, 256))
   assert not cpu_kernels.supports_pointwise((1, 1, 64, 24))
   assert not cpu_kernels.supports_pointwise((3, 3, 64, 256))
+  assert not cpu_kernels.supports_pointwise((1, 1, 0, 256))
 
 
 def test_the_fused_pointwise_kernel_names_a_residual_of_the_wrong_shape():
