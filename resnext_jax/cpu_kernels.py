@@ -5,10 +5,11 @@
   units mostly idle on the 8- to 32-wide groups of a ResNeXt; the kernel keeps a block
   of outputs in registers and runs those layers 2-4x faster (README, "Speed").
 * `cpu_stem_conv.cc`: the weight gradient of the stem (a dense convolution of few input
-  channels), which XLA ran at a fraction of the machine's speed.
+  channels), which XLA ran at a fraction of the machine's speed; and its eval forward
+  pass with the batch norm and ReLU applied in registers.
 * `cpu_pointwise_conv.cc`: a 1x1 convolution with its eval-mode batch norm, residual add
   and ReLU applied before its outputs leave the registers, where XLA makes separate
-  passes over the output for them.
+  passes over the output for them. (`cpu_conv_tile.h`: the register tile both share.)
 
 The sources are compiled once per machine with the system's C++ compiler (`$CXX`, else
 `c++`, `g++` or `clang++`) against the XLA FFI headers that jaxlib ships, and cached
@@ -36,12 +37,13 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_HERE, name)
                 for name in ('cpu_grouped_conv.cc', 'cpu_stem_conv.cc', 'cpu_pointwise_conv.cc',
-                             'cpu_ffi_common.h'))
+                             'cpu_conv_tile.h', 'cpu_ffi_common.h'))
 FLAGS = ('-O3', '-mavx2', '-mfma', '-std=c++17', '-shared', '-fPIC')
 FORWARD_TARGET = 'resnext_grouped_conv_forward'
 KERNEL_GRAD_TARGET = 'resnext_grouped_conv_kernel_grad'
 STEM_KERNEL_GRAD_TARGET = 'resnext_stem_conv_kernel_grad'
 POINTWISE_TARGET = 'resnext_pointwise_conv'
+STEM_NORMALIZED_TARGET = 'resnext_stem_conv_normalized'
 # Group widths (input = output channels per group) that the kernel is compiled for.
 WIDTHS = (8, 16, 32)
 
@@ -123,7 +125,8 @@ def unavailable_reason() -> str | None:
   for target, handler in ((FORWARD_TARGET, library.ResnextGroupedConvForward),
                           (KERNEL_GRAD_TARGET, library.ResnextGroupedConvKernelGrad),
                           (STEM_KERNEL_GRAD_TARGET, library.ResnextStemConvKernelGrad),
-                          (POINTWISE_TARGET, library.ResnextPointwiseConv)):
+                          (POINTWISE_TARGET, library.ResnextPointwiseConv),
+                          (STEM_NORMALIZED_TARGET, library.ResnextStemConvNormalized)):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
   return None
 
@@ -260,6 +263,33 @@ def supports_stem(kernel_shape) -> bool:
   """Whether the stem's weight gradient kernel handles a dense HWIO kernel: an image's
   few input channels, outputs in blocks of 16."""
   return kernel_shape[2] <= MAX_STEM_CHANNELS and kernel_shape[3] % 16 == 0
+
+
+def supports_stem_forward(kernel_shape) -> bool:
+  """Whether the stem's fused eval forward kernel handles a dense HWIO kernel: as
+  `supports_stem`, with at most 256 weights per output channel (one packed block)."""
+  kh, kw, channels, _ = kernel_shape
+  return supports_stem(kernel_shape) and 0 < kh * kw * channels <= 256
+
+
+def stem_conv_normalized(x, kernel, scale, offset, *, strides, padding, relu=False):
+  """`relu?(conv(x, kernel) * scale + offset)` in one C++ pass, float32: the stem's
+  convolution (HWIO `kernel`, few input channels) and its eval-mode batch norm."""
+  _require()
+  _, h, w, _ = x.shape
+  kh, kw, _, out_channels = kernel.shape
+  (top, bottom), (left, right) = padding
+  ho = (h + top + bottom - kh) // strides[0] + 1
+  wo = (w + left + right - kw) // strides[1] + 1
+
+  def call(x, k, scale, offset):
+    result = jax.ShapeDtypeStruct((x.shape[0], ho, wo, out_channels), jnp.float32)
+    return jax.ffi.ffi_call(STEM_NORMALIZED_TARGET, result)(
+        x, k, scale, offset, relu=bool(relu), **_attributes(strides, padding))
+
+  fused = _split_over_batch(call, batched=(True, False, False, False),
+                            sums_over_batch=False, rule='n h w c, kh kw i o, o, o -> n p q o')
+  return fused(*(a.astype(jnp.float32) for a in (x, kernel, scale, offset)))
 
 
 def stem_conv_kernel_grad(x, dy, kernel_shape, strides, padding):

@@ -23,82 +23,26 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_conv_tile.h"
 #include "cpu_ffi_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using resnext_jax::Epilogue;
+using resnext_jax::kDepthBlock;
+using resnext_jax::kPanel;
+using resnext_jax::kTileRows;
+using resnext_jax::Pack;
 using resnext_jax::ParallelFor;
+using resnext_jax::Tile;
 
 namespace {
 
-constexpr int kPanel = 16;              // output channels per register tile (two AVX vectors)
-constexpr int kTileRows = 6;            // output pixels per register tile
-constexpr int64_t kDepthBlock = 256;   // input channels summed per pass over a tile
 constexpr int64_t kRowBlock = 192;     // output pixels per work item
 constexpr int64_t kColumnBlock = 256;  // output channels per work item
-
-struct Epilogue {
-  const float* scale;   // [CO]
-  const float* offset;  // [CO]
-  bool relu;
-};
-
-// Sums `depth` products for `R` output pixels (input rows `a`) x 16 output channels
-// (packed weights `b`, [depth][16]) into `c` (row stride `ldc`). The first depth block
-// starts from zero, later ones from `c`; the last applies the epilogue to channels
-// [column, column + 16), adding `residual` (laid out as `c`) unless it is null.
-template <int R>
-inline void Tile(const float* const* a, const float* b, int64_t depth, float* c,
-                 int64_t ldc, bool first, bool last, const Epilogue& e, int64_t column,
-                 const float* residual) {
-  if (last) {
-    // The epilogue's memory, fetched while the products are summed: otherwise every
-    // tile stalls on it (its rows are a stride apart, which hardware prefetch misses).
-    for (int r = 0; r < R; ++r) {
-      __builtin_prefetch(c + r * ldc, 1);
-      if (residual) __builtin_prefetch(residual + r * ldc, 0);
-    }
-  }
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) {
-    acc[r][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc);
-    acc[r][1] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc + 8);
-  }
-  for (int64_t k = 0; k < depth; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * kPanel);
-    const __m256 b1 = _mm256_loadu_ps(b + k * kPanel + 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256 av = _mm256_broadcast_ss(a[r] + k);
-      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
-    }
-  }
-  if (last) {
-    const __m256 s0 = _mm256_loadu_ps(e.scale + column);
-    const __m256 s1 = _mm256_loadu_ps(e.scale + column + 8);
-    const __m256 t0 = _mm256_loadu_ps(e.offset + column);
-    const __m256 t1 = _mm256_loadu_ps(e.offset + column + 8);
-    const __m256 zero = _mm256_setzero_ps();
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] = _mm256_fmadd_ps(acc[r][0], s0, t0);
-      acc[r][1] = _mm256_fmadd_ps(acc[r][1], s1, t1);
-      if (residual) {
-        acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(residual + r * ldc));
-        acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(residual + r * ldc + 8));
-      }
-      if (e.relu) {
-        acc[r][0] = _mm256_max_ps(acc[r][0], zero);
-        acc[r][1] = _mm256_max_ps(acc[r][1], zero);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(c + r * ldc, acc[r][0]);
-    _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
-  }
-}
 
 struct Geometry {
   int64_t n, h, w, c, stride, ho, wo, co;
@@ -120,35 +64,18 @@ void Block(const float* x, const float* packed, const Geometry& g, const Epilogu
     // Panel p of depth block k0 starts at k0 * co + p * depth * 16 (see Pack).
     const float* b0 = packed + k0 * g.co;
     int64_t m = m0;
-    for (; m + kTileRows <= m1; m += kTileRows) {
-      const float* a[kTileRows];
-      for (int r = 0; r < kTileRows; ++r) a[r] = g.InputRow(x, m + r) + k0;
+    auto tiles = [&](auto rows_per_tile) {
+      constexpr int R = decltype(rows_per_tile)::value;
+      const float* a[R];
+      for (int r = 0; r < R; ++r) a[r] = g.InputRow(x, m + r) + k0;
       for (int64_t col = n0; col < n1; col += kPanel)
-        Tile<kTileRows>(a, b0 + (col / kPanel) * depth * kPanel, depth, y + m * g.co + col,
-                        g.co, first, last, e, col,
-                        residual ? residual + m * g.co + col : nullptr);
-    }
-    for (; m < m1; ++m) {
-      const float* a[1] = {g.InputRow(x, m) + k0};
-      for (int64_t col = n0; col < n1; col += kPanel)
-        Tile<1>(a, b0 + (col / kPanel) * depth * kPanel, depth, y + m * g.co + col, g.co,
-                first, last, e, col, residual ? residual + m * g.co + col : nullptr);
-    }
+        Tile<R>(a, 1, 0, b0 + (col / kPanel) * depth * kPanel, depth, y + m * g.co + col,
+                g.co, first, last, e, col, residual ? residual + m * g.co + col : nullptr);
+    };
+    for (; m + kTileRows <= m1; m += kTileRows)
+      tiles(std::integral_constant<int, kTileRows>());
+    for (; m < m1; ++m) tiles(std::integral_constant<int, 1>());
   }
-}
-
-// Copies w [c][co] into panels: for each depth block (k0, depth), for each panel p,
-// depth x 16 weights, contiguous.
-void Pack(ffi::ThreadPool& pool, const float* w, int64_t c, int64_t co, float* packed) {
-  const int64_t panels = co / kPanel;
-  ParallelFor(pool, panels, [&](int64_t p) {
-    for (int64_t k0 = 0; k0 < c; k0 += kDepthBlock) {
-      const int64_t depth = std::min(kDepthBlock, c - k0);
-      float* out = packed + k0 * co + p * depth * kPanel;
-      for (int64_t k = 0; k < depth; ++k)
-        std::copy_n(w + (k0 + k) * co + p * kPanel, kPanel, out + k * kPanel);
-    }
-  });
 }
 
 ffi::Error PointwiseConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,

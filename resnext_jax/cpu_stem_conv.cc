@@ -1,13 +1,16 @@
 // Weight gradient of a dense 2-D convolution with few input channels (the ResNeXt
-// stem, 7x7/2 from RGB), for x86-64 CPUs with AVX2 and FMA: an XLA FFI handler.
+// stem, 7x7/2 from RGB), and its eval-mode forward pass with the batch norm and ReLU
+// after it, for x86-64 CPUs with AVX2 and FMA: XLA FFI handlers.
 //
 // Why: with 3 input channels XLA's weight gradient, and the same as im2col matmuls,
 // leave the vector units mostly idle (~25 GFLOP/s on two cores). Here, for one output
 // row, the kh input rows it reads are copied into a zero-padded buffer; an output
 // pixel's inputs under kernel row dh are then kw * C consecutive floats of that buffer,
 // and the gradient is a register-tiled sum of outer products of those floats with the
-// pixel's output gradient. (The forward pass stays XLA's: its convolution is faster
-// than the same tiling run forward.)
+// pixel's output gradient. The eval forward pass reads the same buffer: a tile of 6
+// output pixels x 16 output channels sums kh segments of kw * C consecutive inputs
+// (cpu_conv_tile.h), then applies the norm and ReLU. (The train forward pass stays
+// XLA's: its convolution is about as fast, and the norm needs the batch statistics.)
 //
 // Layouts: x is NHWC [N, H, W, C]; dy is NHWC [N, Ho, Wo, CO]; the weight gradient is
 // HWIO [kh, kw, C, CO].
@@ -16,18 +19,25 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_conv_tile.h"
 #include "cpu_ffi_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using resnext_jax::Epilogue;
+using resnext_jax::kDepthBlock;
+using resnext_jax::kTileRows;
+using resnext_jax::Pack;
 using resnext_jax::ParallelFor;
+using resnext_jax::Tile;
 using resnext_jax::TwoArraysToOne;
 
 namespace {
 
-constexpr int kBlock = 16;  // output channels per register block (two AVX vectors)
+constexpr int kBlock = resnext_jax::kPanel;  // output channels per register block
 
 struct StemGeometry {
   int64_t n, h, w, c;        // input
@@ -142,7 +152,75 @@ ffi::Error StemConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// One output row of the eval forward pass: kh input rows packed, then tiles of 6
+// pixels (the last ones 1 at a time) through every panel of 16 output channels.
+void ForwardRow(const float* x, const float* packed, const StemGeometry& g,
+                const Epilogue& e, int64_t n, int64_t oh, std::vector<float>& rows,
+                float* y) {
+  PackRows(x, g, n, oh, rows);  // rows outside the image are zeros
+  float* out = y + (n * g.ho + oh) * g.wo * g.co;
+  const int64_t depth = g.row(), stride = g.padded_width();
+  auto tiles = [&](auto rows_per_tile, int64_t ow) {
+    constexpr int R = decltype(rows_per_tile)::value;
+    const float* a[R];
+    for (int r = 0; r < R; ++r) a[r] = rows.data() + (ow + r) * g.sw * g.c;
+    for (int64_t col = 0; col < g.co; col += kBlock)
+      Tile<R>(a, g.kh, stride, packed + col * g.kh * depth, depth, out + ow * g.co + col,
+              g.co, true, true, e, col, nullptr);
+  };
+  int64_t ow = 0;
+  for (; ow + kTileRows <= g.wo; ow += kTileRows)
+    tiles(std::integral_constant<int, kTileRows>(), ow);
+  for (; ow < g.wo; ++ow) tiles(std::integral_constant<int, 1>(), ow);
+}
+
+ffi::Error StemConvNormalized(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale,
+                              ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> y,
+                              int64_t stride_h, int64_t stride_w, int64_t pad_top,
+                              int64_t pad_left, bool relu) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "stem conv: expected x [N,H,W,C], w [kh,kw,C,CO], y [N,Ho,Wo,CO]");
+  const StemGeometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], stride_h, stride_w,
+                       pad_top, pad_left, yd[1], yd[2], yd[3]};
+  if (g.co % kBlock != 0)
+    return ffi::Error::InvalidArgument("stem conv: output channels must be a multiple of 16");
+  if (wd[2] != g.c || wd[3] != g.co || yd[0] != g.n || scale.element_count() != g.co ||
+      offset.element_count() != g.co)
+    return ffi::Error::InvalidArgument("stem conv: shapes do not match");
+  if (g.kh * g.row() > kDepthBlock)  // the weights must pack as one depth block
+    return ffi::Error::InvalidArgument("stem conv: kernel too large for the forward kernel");
+  thread_local std::vector<float> packed;
+  packed.resize(g.kh * g.row() * g.co);
+  Pack(pool, w.typed_data(), g.kh * g.row(), g.co, packed.data());
+  const Epilogue e{scale.typed_data(), offset.typed_data(), relu};
+  const float* xp = x.typed_data();
+  const float* wp = packed.data();
+  float* yp = y->typed_data();
+  ParallelFor(pool, g.wo > 0 ? g.n * g.ho : 0, [&](int64_t i) {
+    thread_local std::vector<float> rows;
+    ForwardRow(xp, wp, g, e, i / g.ho, i % g.ho, rows, yp);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextStemConvNormalized, StemConvNormalized,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // offset
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<bool>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextStemConvKernelGrad, StemConvKernelGrad,
                               TwoArraysToOne());

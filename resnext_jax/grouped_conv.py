@@ -34,8 +34,9 @@ Implementations:
   and the weight gradient; and so does the stem's weight gradient (up to
   `cpu_kernels.MAX_STEM_CHANNELS` input channels, output channels in blocks of 16).
   In eval mode a 1x1 convolution, the batch norm after it, the shortcut added to it and
-  its ReLU run as one C++ pass (`conv2d_normalized`, used by `Conv2D` when given the
-  norm; float32, output channels in blocks of 16).
+  its ReLU run as one C++ pass, and so do the stem and its norm and ReLU
+  (`conv2d_normalized`, used by `Conv2D` when given the norm; float32, output channels
+  in blocks of 16).
 * `'auto'`: the implementation measured fastest on the default backend (`AUTO_IMPL`).
 
 `AUTO_IMPL`, per backend (the numbers and the commands behind them: README, "Speed"):
@@ -548,50 +549,62 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int] = (1, 1),
   return fn(x, kernel, tuple(strides), tuple(tuple(p) for p in padding), groups)
 
 
-def _normalized_reference(x, kernel, scale, offset, residual, stride, relu):
-  """What `_normalized_pointwise` computes, in XLA ops (and so differentiable)."""
-  y = _pointwise(x, kernel, (stride, stride)) * scale + offset
+def _normalized_reference(x, kernel, scale, offset, residual, strides, padding, relu):
+  """What `_normalized_conv` computes, in the differentiable ops of 'native'."""
+  y = _conv_taps(x, kernel, strides, padding, 1, native=True) * scale + offset
   if residual is not None:
     y = y + residual
   return jnp.maximum(y, 0) if relu else y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _normalized_pointwise(x, kernel, scale, offset, residual, stride, relu):
-  """A 1x1 convolution, its eval-mode batch norm (`* scale + offset`), a residual add
-  and a ReLU in one pass of the C++ kernel."""
-  return cpu_kernels.pointwise_conv(x, kernel, scale, offset, stride=stride,
-                                    residual=residual, relu=relu)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _normalized_conv(x, kernel, scale, offset, residual, strides, padding, relu):
+  """A convolution, its eval-mode batch norm (`* scale + offset`), a residual add and a
+  ReLU in one pass of a C++ kernel: the 1x1 kernel, or the stem's."""
+  if kernel.shape[:2] == (1, 1):
+    return cpu_kernels.pointwise_conv(x, kernel, scale, offset, stride=strides[0],
+                                      residual=residual, relu=relu)
+  return cpu_kernels.stem_conv_normalized(x, kernel, scale, offset, strides=strides,
+                                          padding=padding, relu=relu)
 
 
-def _normalized_pointwise_fwd(x, kernel, scale, offset, residual, stride, relu):
-  return (_normalized_pointwise(x, kernel, scale, offset, residual, stride, relu),
+def _normalized_conv_fwd(x, kernel, scale, offset, residual, strides, padding, relu):
+  return (_normalized_conv(x, kernel, scale, offset, residual, strides, padding, relu),
           (x, kernel, scale, offset, residual))
 
 
-def _normalized_pointwise_bwd(stride, relu, residuals, dy):
-  """Gradients of the XLA form: eval-mode gradients are rare (e.g. frozen batch norms),
-  so only the forward pass gets a kernel of its own."""
+def _normalized_conv_bwd(strides, padding, relu, residuals, dy):
+  """Gradients of the unfused form: eval-mode gradients are rare (e.g. frozen batch
+  norms), so only the forward pass gets kernels of its own."""
   _, pullback = jax.vjp(
-      lambda *a: _normalized_reference(*a, stride, relu), *residuals)
+      lambda *a: _normalized_reference(*a, strides, padding, relu), *residuals)
   return pullback(dy)
 
 
-_normalized_pointwise.defvjp(_normalized_pointwise_fwd, _normalized_pointwise_bwd)
+_normalized_conv.defvjp(_normalized_conv_fwd, _normalized_conv_bwd)
 
 
-def fuses_normalization(x, kernel, strides, groups, impl) -> bool:
+def fuses_normalization(x, kernel, strides, padding, groups, impl, residual=None) -> bool:
   """Whether `conv2d_normalized` runs as one fused pass for these arguments: 'native',
-  float32, a 1x1 kernel of one group, equal strides."""
-  return (resolve_impl(impl) == 'native' and groups == 1 and x.dtype == jnp.float32
-          and strides[0] == strides[1] and cpu_kernels.supports_pointwise(kernel.shape))
+  float32, one group, and either a 1x1 kernel at equal strides without padding or a
+  stem (few input channels; no residual)."""
+  if resolve_impl(impl) != 'native' or groups != 1 or x.dtype != jnp.float32:
+    return False
+  if residual is not None and residual.dtype != jnp.float32:
+    return False
+  if kernel.shape[:2] == (1, 1):
+    return (strides[0] == strides[1] and all(p == (0, 0) for p in padding)
+            and cpu_kernels.supports_pointwise(kernel.shape))
+  return residual is None and cpu_kernels.supports_stem_forward(kernel.shape)
 
 
-def conv2d_normalized(x, kernel, scale, offset, *, strides, residual=None, relu=False):
-  """`relu?(conv1x1(x, kernel) * scale + offset + residual)`, fused: an eval-mode conv +
+def conv2d_normalized(x, kernel, scale, offset, *, strides, padding=((0, 0), (0, 0)),
+                      residual=None, relu=False):
+  """`relu?(conv(x, kernel) * scale + offset + residual)`, fused: an eval-mode conv +
   batch norm (+ shortcut) (+ ReLU) as one pass over the output, where XLA would make a
-  matmul and then further passes (use when `fuses_normalization` says so)."""
-  return _normalized_pointwise(x, kernel, scale, offset, residual, strides[0], relu)
+  convolution and then further passes (use where `fuses_normalization` says so)."""
+  return _normalized_conv(x, kernel, scale, offset, residual, tuple(strides),
+                          tuple(tuple(p) for p in padding), relu)
 
 
 class Conv2D(nn.Module):
@@ -623,15 +636,14 @@ class Conv2D(nn.Module):
                         (k, k, in_channels // self.groups, self.features), jnp.float32)
     pad = k // 2
     x = x.astype(self.dtype)
-    strides = (self.strides, self.strides)
-    if (norm is not None and norm.use_running_average
-        and fuses_normalization(x, kernel, strides, self.groups, self.impl)
-        and (residual is None or residual.dtype == jnp.float32)):
+    strides, padding = (self.strides, self.strides), ((pad, pad), (pad, pad))
+    if (norm is not None and norm.use_running_average and fuses_normalization(
+        x, kernel, strides, padding, self.groups, self.impl, residual)):
       scale, offset = norm.running_affine(self.features)
-      return conv2d_normalized(x, kernel, scale, offset, strides=strides,
+      return conv2d_normalized(x, kernel, scale, offset, strides=strides, padding=padding,
                                residual=residual, relu=relu)
-    y = conv2d(x, kernel.astype(self.dtype), strides=strides,
-               padding=((pad, pad), (pad, pad)), groups=self.groups, impl=self.impl)
+    y = conv2d(x, kernel.astype(self.dtype), strides=strides, padding=padding,
+               groups=self.groups, impl=self.impl)
     if norm is not None:
       y = norm(y)
     if residual is not None:

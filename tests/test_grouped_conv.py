@@ -190,43 +190,50 @@ def test_tiny_resnext_same_params_logits_and_grads(impl, widths):
   assert max(rel_err(g, r) for g, r in zip(leaves, ref_leaves)) <= 1e-4
 
 
-# Eval-mode 1x1 conv + batch norm (+ shortcut) (+ ReLU), fused by 'native':
-# (input NHWC, output channels, stride, with a residual, with a ReLU). Past 256 input
-# channels the kernel sums in several passes; past 192 pixels and 256 output channels
-# the work splits into blocks.
+# Eval-mode conv + batch norm (+ shortcut) (+ ReLU), fused by 'native' for 1x1 convs
+# and the stem: (input NHWC, kernel size, output channels, stride, with a residual,
+# with a ReLU). Past 256 input channels the 1x1 kernel sums in several passes; past 192
+# pixels and 256 output channels the work splits into blocks.
 NORMALIZED_CASES = {
-    'relu': ((2, 7, 5, 40), 32, 1, False, True),
-    'deep_residual': ((2, 7, 7, 300), 48, 1, True, True),
-    'stride2_odd_residual': ((3, 9, 9, 24), 16, 2, True, True),
-    'many_pixels_wide_plain': ((2, 15, 15, 16), 272, 1, False, False),
+    'relu': ((2, 7, 5, 40), 1, 32, 1, False, True),
+    'deep_residual': ((2, 7, 7, 300), 1, 48, 1, True, True),
+    'stride2_odd_residual': ((3, 9, 9, 24), 1, 16, 2, True, True),
+    'many_pixels_wide_plain': ((2, 15, 15, 16), 1, 272, 1, False, False),
+    'stem': ((2, 15, 15, 3), 7, 32, 2, False, True),
+    'stem_nonsquare_plain': ((1, 12, 9, 3), 7, 16, 2, False, False),
+    'stem_wide_rows': ((1, 9, 30, 3), 7, 16, 2, False, True),
 }
 
 
 def normalized_inputs(case, batch=None):
-  shape, out_channels, stride, with_residual, _ = case
+  shape, k, out_channels, stride, with_residual, _ = case
   if batch:
     shape = (batch,) + shape[1:]
   rng = np.random.default_rng(0)
   x = rng.standard_normal(shape, np.float32)
-  kernel = rng.standard_normal((1, 1, shape[-1], out_channels), np.float32)
+  kernel = rng.standard_normal((k, k, shape[-1], out_channels), np.float32)
   scale = rng.uniform(0.5, 2.0, out_channels).astype(np.float32)
   offset = rng.standard_normal(out_channels).astype(np.float32)
-  out_shape = (shape[0], -(-shape[1] // stride), -(-shape[2] // stride), out_channels)
+  pad = k // 2
+  out_shape = ((shape[0],) + tuple((size + 2 * pad - k) // stride + 1 for size in shape[1:3])
+               + (out_channels,))
   residual = rng.standard_normal(out_shape, np.float32) if with_residual else None
   r = rng.standard_normal(out_shape, np.float32)
   return jax.tree.map(jnp.asarray, (x, kernel, scale, offset, residual, r))
 
 
 def normalized_fn(case, fused):
-  _, _, stride, _, relu = case
+  _, k, _, stride, _, relu = case
+  strides, padding = (stride, stride), ((k // 2, k // 2),) * 2
 
   def conv(x, kernel, scale, offset, residual):
     if fused:
-      assert grouped_conv.fuses_normalization(x, kernel, (stride, stride), 1, 'native')
-      return grouped_conv.conv2d_normalized(x, kernel, scale, offset,
-                                            strides=(stride, stride), residual=residual,
-                                            relu=relu)
-    y = grouped_conv.conv2d(x, kernel, strides=(stride, stride), impl='xla') * scale + offset
+      assert grouped_conv.fuses_normalization(x, kernel, strides, padding, 1, 'native',
+                                              residual)
+      return grouped_conv.conv2d_normalized(x, kernel, scale, offset, strides=strides,
+                                            padding=padding, residual=residual, relu=relu)
+    y = grouped_conv.conv2d(x, kernel, strides=strides, padding=padding, impl='xla')
+    y = y * scale + offset
     y = y if residual is None else y + residual
     return jnp.maximum(y, 0) if relu else y
 
@@ -256,7 +263,7 @@ def test_fused_conv_and_norm_matches_xla(case):
 
 
 @needs_native
-@pytest.mark.parametrize('case_name', ['stride2_odd_residual', 'relu'])
+@pytest.mark.parametrize('case_name', ['stride2_odd_residual', 'relu', 'stem'])
 def test_fused_conv_and_norm_sharded_and_under_remat(case_name):
   assert jax.device_count() == 8, 'run through the test suite (tests/conftest.py)'
   case = NORMALIZED_CASES[case_name]
@@ -279,15 +286,17 @@ def test_fused_conv_and_norm_sharded_and_under_remat(case_name):
 
 @needs_native
 def test_native_eval_fuses_the_1x1_convs_with_their_norms():
-  """The eval-mode model runs its 1x1 convs through the fused kernel (so that the tiny
-  ResNeXt test above compares the fused path), and train mode never does."""
-  model = models.ResNeXt(stage_sizes=(1, 1), base_planes=8, num_classes=10,
+  """The eval-mode model runs its stem and 1x1 convs through the fused kernels (so that
+  the tiny ResNeXt test above compares the fused path), and train mode never does."""
+  model = models.ResNeXt(stage_sizes=(1, 1), base_planes=16, num_classes=10,
                          cardinality=2, width_per_group=8, conv_impl='native')
   variables = models.init_variables(model, jax.random.key(0), image_size=32)
   images = jnp.zeros((2, 32, 32, 3))
   eval_hlo = jax.jit(lambda v: model.apply(v, images)).lower(variables).as_text()
   # conv1, conv3 and the shortcut of both blocks.
   assert eval_hlo.count(cpu_kernels.POINTWISE_TARGET) == 6
+  assert eval_hlo.count(cpu_kernels.STEM_NORMALIZED_TARGET) == 1
   train_hlo = jax.jit(lambda v: model.apply(v, images, train=True, mutable=['batch_stats'])
                       ).lower(variables).as_text()
   assert cpu_kernels.POINTWISE_TARGET not in train_hlo
+  assert cpu_kernels.STEM_NORMALIZED_TARGET not in train_hlo
