@@ -1,0 +1,130 @@
+"""Eval-mode conv + batch norm (+ shortcut) (+ ReLU): the fused C++ pass against XLA's.
+
+    python benchmarks/eval_convs.py --arch=resnext50_32x4d --batch_size=16
+
+The layers are the calls that the eval-mode model (`conv_impl='native'`) makes to
+`grouped_conv.conv2d_normalized` (its 1x1 convs and its stem), recorded while tracing it.
+For each distinct one it times the fused kernel and the same computation without it
+('native''s convolution, then the norm, add and ReLU as XLA ops, as the model ran them
+before), in turns, and reports medians; the last line weights each layer by how often
+it occurs.
+"""
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from resnext_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if __name__ == '__main__':
+  host_memory.reuse_freed_memory()  # as train.py does (see conv_layers.py)
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from resnext_jax import grouped_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+Layer = collections.namedtuple('Layer', 'x_shape k_shape strides padding residual relu')
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--arch', default='resnext50_32x4d', choices=sorted(models.ARCHS))
+  parser.add_argument('--batch_size', type=int, default=16)
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--rounds', type=int, default=5, help='timed turns per candidate')
+  return parser.parse_args(argv)
+
+
+def fused_layers(arch, batch_size, image_size):
+  """The model's calls to `conv2d_normalized` in eval mode, with their counts."""
+  model = models.create_model(arch, conv_impl='native')
+  images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  calls = collections.Counter()
+  original = grouped_conv.conv2d_normalized
+
+  def record(x, kernel, scale, offset, *, strides, padding=((0, 0), (0, 0)),
+             residual=None, relu=False):
+    calls[Layer(x.shape, kernel.shape, tuple(strides), tuple(map(tuple, padding)),
+                residual is not None, relu)] += 1
+    return original(x, kernel, scale, offset, strides=strides, padding=padding,
+                    residual=residual, relu=relu)
+
+  grouped_conv.conv2d_normalized = record
+  try:
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+  finally:
+    grouped_conv.conv2d_normalized = original
+  return calls
+
+
+def candidates(layer):
+  """(fused, unfused) jitted functions of the layer's arrays."""
+  def fused(x, kernel, scale, offset, residual):
+    return grouped_conv.conv2d_normalized(x, kernel, scale, offset, strides=layer.strides,
+                                          padding=layer.padding, residual=residual,
+                                          relu=layer.relu)
+
+  def unfused(x, kernel, scale, offset, residual):
+    y = grouped_conv.conv2d(x, kernel, strides=layer.strides, padding=layer.padding,
+                            impl='native') * scale + offset
+    y = y if residual is None else y + residual
+    return jnp.maximum(y, 0) if layer.relu else y
+
+  return jax.jit(fused), jax.jit(unfused)
+
+
+def layer_inputs(layer):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(layer.x_shape, np.float32)
+  kernel = rng.standard_normal(layer.k_shape, np.float32) * 0.05
+  out_channels = layer.k_shape[-1]
+  scale, offset = np.ones(out_channels, np.float32), np.zeros(out_channels, np.float32)
+  out_shape = jax.eval_shape(candidates(layer)[1], x, kernel, scale, offset, None).shape
+  residual = rng.standard_normal(out_shape, np.float32) if layer.residual else None
+  return jax.tree.map(jnp.asarray, (x, kernel, scale, offset, residual))
+
+
+def time_layer(layer, rounds):
+  """Median seconds of (fused, unfused), timed in turns."""
+  args = layer_inputs(layer)
+  fns = candidates(layer)
+  for fn in fns:
+    jax.block_until_ready(fn(*args))
+  times = ([], [])
+  for _ in range(rounds):
+    for fn, spent in zip(fns, times):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      spent.append(time.perf_counter() - start)
+  return tuple(statistics.median(t) for t in times)
+
+
+def main(argv):
+  args = parse_args(argv)
+  print(f'{args.arch}, batch {args.batch_size} at {args.image_size}, float32, '
+        f'{jax.device_count()} x {jax.devices()[0].device_kind}; ms, median of {args.rounds}')
+  print('| input | kernel | stride | residual | ReLU | count | fused | unfused | speedup |')
+  print('|---|---|---:|---|---|---:|---:|---:|---:|')
+  totals = [0.0, 0.0]
+  for layer, count in fused_layers(args.arch, args.batch_size, args.image_size).items():
+    fused, unfused = time_layer(layer, args.rounds)
+    totals[0] += count * fused
+    totals[1] += count * unfused
+    print(f'| {"x".join(map(str, layer.x_shape))} | {"x".join(map(str, layer.k_shape))} '
+          f'| {layer.strides[0]} | {"yes" if layer.residual else "no"} '
+          f'| {"yes" if layer.relu else "no"} | {count} | {fused * 1e3:.1f} '
+          f'| {unfused * 1e3:.1f} | {unfused / fused:.2f} |', flush=True)
+  print(f'weighted total: fused {totals[0] * 1e3:.0f} ms, unfused {totals[1] * 1e3:.0f} ms, '
+        f'speedup={totals[1] / totals[0]:.3f}')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
