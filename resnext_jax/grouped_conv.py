@@ -43,7 +43,7 @@ Implementations:
 
 | backend | choice | why |
 |---------|--------|-----|
-| cpu     | 'native' | ResNeXt-50 32x4d, batch 16, ratio to torchvision's step: train 1.05-1.06, eval 1.03-1.08; 'taps' 0.92 and 0.96; 'xla' train 0.03. 'taps' where the C++ kernel cannot be built |
+| cpu     | 'native' | ResNeXt-50 32x4d, batch 16, ratio to torchvision's step: train 1.01-1.06, eval 1.17-1.33; 'taps' 0.77 and 0.91; 'xla' train 0.03. 'taps' where the C++ kernel cannot be built |
 | gpu     | 'xla'  | cuDNN's grouped convolutions; not measured here yet (benchmarks/gpu.sh) |
 | tpu     | 'xla'  | not measured; XLA's TPU convolutions handle groups natively |
 """
