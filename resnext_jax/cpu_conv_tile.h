@@ -18,7 +18,9 @@ namespace resnext_jax {
 
 constexpr int kPanel = 16;              // output channels per register tile (two AVX vectors)
 constexpr int kTileRows = 6;            // output pixels per register tile
-constexpr int64_t kDepthBlock = 256;    // input channels summed per pass over a tile
+// Input channels summed per pass over a tile (cpu_kernels.MAX_STEM_FORWARD_WEIGHTS: the
+// stem packs all its weights as one such block).
+constexpr int64_t kDepthBlock = 256;
 
 struct Epilogue {
   const float* scale;   // [CO]
@@ -74,9 +76,9 @@ inline void Tile(const float* const* a, int64_t segments, int64_t segment_stride
         acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(residual + r * ldc));
         acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(residual + r * ldc + 8));
       }
-      if (e.relu) {
-        acc[r][0] = _mm256_max_ps(acc[r][0], zero);
-        acc[r][1] = _mm256_max_ps(acc[r][1], zero);
+      if (e.relu) {  // max(0, NaN) is NaN, as in jnp.maximum: NaNs stay visible
+        acc[r][0] = _mm256_max_ps(zero, acc[r][0]);
+        acc[r][1] = _mm256_max_ps(zero, acc[r][1]);
       }
     }
   }

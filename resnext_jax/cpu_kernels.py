@@ -265,11 +265,16 @@ def supports_stem(kernel_shape) -> bool:
   return kernel_shape[2] <= MAX_STEM_CHANNELS and kernel_shape[3] % 16 == 0
 
 
+# Most weights per output channel of the stem's eval forward kernel: it packs them as one
+# block of input channels (kDepthBlock in cpu_conv_tile.h).
+MAX_STEM_FORWARD_WEIGHTS = 256
+
+
 def supports_stem_forward(kernel_shape) -> bool:
   """Whether the stem's fused eval forward kernel handles a dense HWIO kernel: as
-  `supports_stem`, with at most 256 weights per output channel (one packed block)."""
+  `supports_stem`, with at most `MAX_STEM_FORWARD_WEIGHTS` per output channel."""
   kh, kw, channels, _ = kernel_shape
-  return supports_stem(kernel_shape) and 0 < kh * kw * channels <= 256
+  return supports_stem(kernel_shape) and 0 < kh * kw * channels <= MAX_STEM_FORWARD_WEIGHTS
 
 
 def stem_conv_normalized(x, kernel, scale, offset, *, strides, padding, relu=False):

@@ -19,8 +19,6 @@
 // is NHWC [N, Ho, Wo, CO] or empty; the output is NHWC [N, Ho, Wo, CO] with
 // Ho = ceil(H / stride), Wo = ceil(W / stride).
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>

@@ -12,8 +12,9 @@
 // (cpu_conv_tile.h), then applies the norm and ReLU. (The train forward pass stays
 // XLA's: its convolution is about as fast, and the norm needs the batch statistics.)
 //
-// Layouts: x is NHWC [N, H, W, C]; dy is NHWC [N, Ho, Wo, CO]; the weight gradient is
-// HWIO [kh, kw, C, CO].
+// Layouts: x is NHWC [N, H, W, C]; dy and the forward output y are NHWC [N, Ho, Wo, CO];
+// the weights and their gradient are HWIO [kh, kw, C, CO]; the norm's scale and offset
+// are [CO].
 
 #include <immintrin.h>
 
@@ -29,6 +30,7 @@
 namespace ffi = xla::ffi;
 using resnext_jax::Epilogue;
 using resnext_jax::kDepthBlock;
+using resnext_jax::kPanel;
 using resnext_jax::kTileRows;
 using resnext_jax::Pack;
 using resnext_jax::ParallelFor;
@@ -36,8 +38,6 @@ using resnext_jax::Tile;
 using resnext_jax::TwoArraysToOne;
 
 namespace {
-
-constexpr int kBlock = resnext_jax::kPanel;  // output channels per register block
 
 struct StemGeometry {
   int64_t n, h, w, c;        // input
@@ -110,9 +110,9 @@ void KernelGradRow(const float* x, const float* dy, float* dk, const StemGeometr
   for (int64_t dh = 0; dh < g.kh; ++dh) {
     const int64_t ih = oh * g.sh + dh - g.pad_top;
     if (ih < 0 || ih >= g.h) continue;  // a zero row adds nothing
-    for (int64_t b = 0; b < g.co / kBlock; ++b)
-      KernelGradTiles<6>(rows.data() + dh * pw, dyr + b * kBlock,
-                         dk + dh * g.row() * g.co + b * kBlock, g, 0);
+    for (int64_t b = 0; b < g.co / kPanel; ++b)
+      KernelGradTiles<6>(rows.data() + dh * pw, dyr + b * kPanel,
+                         dk + dh * g.row() * g.co + b * kPanel, g, 0);
   }
 }
 
@@ -130,7 +130,7 @@ ffi::Error StemConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "stem conv kernel grad: expected x [N,H,W,C], dy [N,Ho,Wo,CO], dk [kh,kw,C,CO]");
   const StemGeometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], stride_h, stride_w,
                        pad_top, pad_left, yd[1], yd[2], yd[3]};
-  if (g.co % kBlock != 0)
+  if (g.co % kPanel != 0)
     return ffi::Error::InvalidArgument("stem conv: output channels must be a multiple of 16");
   if (kd[2] != g.c || kd[3] != g.co || yd[0] != g.n)
     return ffi::Error::InvalidArgument("stem conv kernel grad: shapes do not match");
@@ -157,15 +157,15 @@ ffi::Error StemConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 void ForwardRow(const float* x, const float* packed, const StemGeometry& g,
                 const Epilogue& e, int64_t n, int64_t oh, std::vector<float>& rows,
                 float* y) {
-  PackRows(x, g, n, oh, rows);  // rows outside the image are zeros
+  PackRows(x, g, n, oh, rows);  // rows outside the image are zeros: they add nothing
   float* out = y + (n * g.ho + oh) * g.wo * g.co;
-  const int64_t depth = g.row(), stride = g.padded_width();
+  const int64_t depth = g.row(), row_stride = g.padded_width();
   auto tiles = [&](auto rows_per_tile, int64_t ow) {
     constexpr int R = decltype(rows_per_tile)::value;
     const float* a[R];
     for (int r = 0; r < R; ++r) a[r] = rows.data() + (ow + r) * g.sw * g.c;
-    for (int64_t col = 0; col < g.co; col += kBlock)
-      Tile<R>(a, g.kh, stride, packed + col * g.kh * depth, depth, out + ow * g.co + col,
+    for (int64_t col = 0; col < g.co; col += kPanel)
+      Tile<R>(a, g.kh, row_stride, packed + col * g.kh * depth, depth, out + ow * g.co + col,
               g.co, true, true, e, col, nullptr);
   };
   int64_t ow = 0;
@@ -185,11 +185,13 @@ ffi::Error StemConvNormalized(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "stem conv: expected x [N,H,W,C], w [kh,kw,C,CO], y [N,Ho,Wo,CO]");
   const StemGeometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], stride_h, stride_w,
                        pad_top, pad_left, yd[1], yd[2], yd[3]};
-  if (g.co % kBlock != 0)
+  if (g.co % kPanel != 0)
     return ffi::Error::InvalidArgument("stem conv: output channels must be a multiple of 16");
   if (wd[2] != g.c || wd[3] != g.co || yd[0] != g.n || scale.element_count() != g.co ||
       offset.element_count() != g.co)
     return ffi::Error::InvalidArgument("stem conv: shapes do not match");
+  if (stride_h < 1 || stride_w < 1 || g.kh < 1 || g.kw < 1)
+    return ffi::Error::InvalidArgument("stem conv: strides and kernel size must be >= 1");
   if (g.kh * g.row() > kDepthBlock)  // the weights must pack as one depth block
     return ffi::Error::InvalidArgument("stem conv: kernel too large for the forward kernel");
   thread_local std::vector<float> packed;

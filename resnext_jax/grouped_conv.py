@@ -584,27 +584,46 @@ def _normalized_conv_bwd(strides, padding, relu, residuals, dy):
 _normalized_conv.defvjp(_normalized_conv_fwd, _normalized_conv_bwd)
 
 
-def fuses_normalization(x, kernel, strides, padding, groups, impl, residual=None) -> bool:
-  """Whether `conv2d_normalized` runs as one fused pass for these arguments: 'native',
-  float32, one group, and either a 1x1 kernel at equal strides without padding or a
-  stem (few input channels; no residual)."""
-  if resolve_impl(impl) != 'native' or groups != 1 or x.dtype != jnp.float32:
-    return False
-  if residual is not None and residual.dtype != jnp.float32:
-    return False
+def _normalization_fusable(x, kernel, strides, padding, residual) -> str | None:
+  """None if a fused kernel takes these arguments; else why not."""
+  if x.dtype != jnp.float32 or (residual is not None and residual.dtype != jnp.float32):
+    return 'the fused kernels take float32 only'
   if kernel.shape[:2] == (1, 1):
-    return (strides[0] == strides[1] and all(p == (0, 0) for p in padding)
-            and cpu_kernels.supports_pointwise(kernel.shape))
-  return residual is None and cpu_kernels.supports_stem_forward(kernel.shape)
+    if strides[0] != strides[1] or any(p != (0, 0) for p in padding):
+      return 'a 1x1 convolution needs equal strides and no padding'
+    if not cpu_kernels.supports_pointwise(kernel.shape):
+      return 'a 1x1 convolution needs output channels in blocks of 16'
+    return None
+  if residual is not None:
+    return 'only a 1x1 convolution takes a residual'
+  if not cpu_kernels.supports_stem_forward(kernel.shape):
+    return (f'a {kernel.shape[0]}x{kernel.shape[1]} convolution is fused only as a stem '
+            f'(few input channels, outputs in blocks of 16)')
+  return None
+
+
+def fuses_normalization(x, kernel, strides, padding, groups, impl, residual=None) -> bool:
+  """Whether `conv2d_normalized` runs for these arguments: 'native', float32, one group,
+  and either a 1x1 kernel at equal strides without padding or a stem (few input
+  channels; no residual)."""
+  return (resolve_impl(impl) == 'native' and groups == 1 and
+          _normalization_fusable(x, kernel, tuple(strides),
+                                 tuple(tuple(p) for p in padding), residual) is None)
 
 
 def conv2d_normalized(x, kernel, scale, offset, *, strides, padding=((0, 0), (0, 0)),
                       residual=None, relu=False):
   """`relu?(conv(x, kernel) * scale + offset + residual)`, fused: an eval-mode conv +
   batch norm (+ shortcut) (+ ReLU) as one pass over the output, where XLA would make a
-  convolution and then further passes (use where `fuses_normalization` says so)."""
-  return _normalized_conv(x, kernel, scale, offset, residual, tuple(strides),
-                          tuple(tuple(p) for p in padding), relu)
+  convolution and then further passes. Needs 'native''s kernels (`fuses_normalization`
+  says when it runs); float32 in and out."""
+  strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
+  reason = _normalization_fusable(x, kernel, strides, padding, residual)
+  if reason:
+    raise ValueError(f'conv2d_normalized: {reason} (x {x.shape} {x.dtype}, kernel '
+                     f'{kernel.shape}, strides {strides}, padding {padding}); use conv2d '
+                     f'and apply the norm separately.')
+  return _normalized_conv(x, kernel, scale, offset, residual, strides, padding, relu)
 
 
 class Conv2D(nn.Module):
@@ -624,8 +643,8 @@ class Conv2D(nn.Module):
     """`relu?(norm(conv(x)) + residual)`; each of the three is optional.
 
     `norm` is a `models.BatchNorm`. In eval mode (running statistics) a 1x1
-    convolution and all that follows it run as one fused pass where the implementation
-    has one (`fuses_normalization`); the result is the same either way.
+    convolution or the stem and all that follows it run as one fused pass where the
+    implementation has one (`fuses_normalization`); the result is the same either way.
     """
     k = self.kernel_size
     in_channels = x.shape[-1]

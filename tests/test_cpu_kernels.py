@@ -172,7 +172,10 @@ def test_the_fused_pointwise_kernel_handles_an_empty_batch():
   assert y.shape == (0, 4, 4, 16)
 
 
-def test_each_device_runs_the_fused_pointwise_kernel_on_its_own_images():
+@pytest.mark.parametrize('kernel_shape, stride, pad, residual', [
+    ((1, 1, 8, 16), 2, 0, True), ((7, 7, 3, 16), 2, 3, False)])
+def test_each_device_runs_the_fused_eval_kernels_on_its_own_images(kernel_shape, stride, pad,
+                                                                   residual):
   if cpu_kernels.unavailable_reason():
     pytest.skip(cpu_kernels.unavailable_reason())
   assert jax.device_count() == 8, 'run through the test suite (tests/conftest.py)'
@@ -181,14 +184,15 @@ def test_each_device_runs_the_fused_pointwise_kernel_on_its_own_images():
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def forward(x, kernel, residual):
-    return cpu_kernels.pointwise_conv(x, kernel, jnp.ones(16), jnp.zeros(16), stride=2,
-                                      residual=residual, relu=True)
+    return grouped_conv.conv2d_normalized(
+        x, kernel, jnp.ones(16), jnp.zeros(16), strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)), residual=residual, relu=True)
 
-  step = jax.jit(forward, in_shardings=(by_batch, replicated, by_batch),
+  x = jnp.ones((8, 9, 9, kernel_shape[2]))
+  res = jnp.ones((8, 5, 5, 16)) if residual else None
+  step = jax.jit(forward, in_shardings=(by_batch, replicated, by_batch if residual else None),
                  out_shardings=by_batch)
-  hlo = step.lower(jnp.ones((8, 9, 9, 8)), jnp.ones((1, 1, 8, 16)),
-                   jnp.ones((8, 5, 5, 16))).compile().as_text()
+  hlo = step.lower(x, jnp.ones(kernel_shape), res).compile().as_text()
   assert 'all-gather' not in hlo
-  calls = [line for line in hlo.splitlines()
-           if f'custom_call_target="{cpu_kernels.POINTWISE_TARGET}"' in line]
+  calls = [line for line in hlo.splitlines() if 'custom_call_target="resnext_' in line]
   assert calls and all('= f32[1,5,5,16]' in line for line in calls), calls  # per device

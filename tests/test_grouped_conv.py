@@ -199,9 +199,13 @@ NORMALIZED_CASES = {
     'deep_residual': ((2, 7, 7, 300), 1, 48, 1, True, True),
     'stride2_odd_residual': ((3, 9, 9, 24), 1, 16, 2, True, True),
     'many_pixels_wide_plain': ((2, 15, 15, 16), 1, 272, 1, False, False),
+    'stride2_even_residual_plain': ((2, 8, 6, 24), 1, 32, 2, True, False),
+    'deep_and_wide': ((2, 5, 5, 300), 1, 272, 1, False, True),
     'stem': ((2, 15, 15, 3), 7, 32, 2, False, True),
     'stem_nonsquare_plain': ((1, 12, 9, 3), 7, 16, 2, False, False),
     'stem_wide_rows': ((1, 9, 30, 3), 7, 16, 2, False, True),
+    'stem_4_channels': ((2, 13, 10, 4), 7, 16, 2, False, True),  # 196 weights per output
+    'stem_1_channel_5x5_stride1': ((1, 8, 7, 1), 5, 16, 1, False, True),
 }
 
 
@@ -286,8 +290,10 @@ def test_fused_conv_and_norm_sharded_and_under_remat(case_name):
 
 @needs_native
 def test_native_eval_fuses_the_1x1_convs_with_their_norms():
-  """The eval-mode model runs its stem and 1x1 convs through the fused kernels (so that
-  the tiny ResNeXt test above compares the fused path), and train mode never does."""
+  """The eval-mode model runs its stem and 1x1 convs through the fused kernels, and train
+  mode never does. (The tiny ResNeXt test above compares the fused 1x1 convs in a whole
+  model; tests/test_convert.py compares eval logits with torchvision's, with random
+  running statistics, through both fused kernels.)"""
   model = models.ResNeXt(stage_sizes=(1, 1), base_planes=16, num_classes=10,
                          cardinality=2, width_per_group=8, conv_impl='native')
   variables = models.init_variables(model, jax.random.key(0), image_size=32)
@@ -300,3 +306,35 @@ def test_native_eval_fuses_the_1x1_convs_with_their_norms():
                       ).lower(variables).as_text()
   assert cpu_kernels.POINTWISE_TARGET not in train_hlo
   assert cpu_kernels.STEM_NORMALIZED_TARGET not in train_hlo
+
+
+@needs_native
+@pytest.mark.parametrize('case_name', ['relu', 'stem'])
+def test_fused_conv_and_norm_keeps_nans(case_name):
+  """A NaN input makes NaN outputs, as in XLA (a ReLU written max(x, 0) would hide it)."""
+  case = NORMALIZED_CASES[case_name]
+  x, kernel, scale, offset, residual, _ = normalized_inputs(case)
+  x = x.at[0, 2, 2, 0].set(jnp.nan)
+  got = jax.jit(normalized_fn(case, True))(x, kernel, scale, offset, residual)
+  want = jax.jit(normalized_fn(case, False))(x, kernel, scale, offset, residual)
+  assert np.isnan(want).any()
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+
+
+@pytest.mark.parametrize('x_shape, kernel_shape, padding, residual, dtype, message', [
+    ((1, 4, 4, 8), (1, 1, 8, 16), ((1, 1), (1, 1)), False, jnp.float32, 'no padding'),
+    ((1, 4, 4, 8), (1, 1, 8, 24), ((0, 0), (0, 0)), False, jnp.float32, 'blocks of 16'),
+    ((1, 9, 9, 3), (7, 7, 3, 16), ((3, 3), (3, 3)), True, jnp.float32, 'takes a residual'),
+    ((1, 9, 9, 64), (3, 3, 64, 64), ((1, 1), (1, 1)), False, jnp.float32, 'only as a stem'),
+    ((1, 4, 4, 8), (1, 1, 8, 16), ((0, 0), (0, 0)), False, jnp.bfloat16, 'float32 only'),
+])
+def test_fused_conv_and_norm_names_what_it_cannot_take(x_shape, kernel_shape, padding,
+                                                      residual, dtype, message):
+  x = jnp.ones(x_shape, dtype)
+  kernel = jnp.ones(kernel_shape)
+  out_channels = kernel_shape[-1]
+  res = jnp.ones(x_shape[:3] + (out_channels,)) if residual else None
+  assert not grouped_conv.fuses_normalization(x, kernel, (1, 1), padding, 1, 'native', res)
+  with pytest.raises(ValueError, match=message):
+    grouped_conv.conv2d_normalized(x, kernel, jnp.ones(out_channels), jnp.zeros(out_channels),
+                                   strides=(1, 1), padding=padding, residual=res)
