@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cpu_ffi_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -100,6 +101,27 @@ inline void Pack(xla::ffi::ThreadPool& pool, const float* w, int64_t c, int64_t 
         std::copy_n(w + (k0 + k) * co + p * kPanel, kPanel, out + k * kPanel);
     }
   });
+}
+
+// `w` packed as Pack does, into a buffer of the calling thread that the next call on it
+// reuses (the pool's workers read it while the caller waits in ParallelFor).
+inline const float* PackedWeights(xla::ffi::ThreadPool& pool, const float* w, int64_t c,
+                                  int64_t co) {
+  thread_local std::vector<float> packed;
+  packed.resize(c * co);
+  Pack(pool, w, c, co, packed.data());
+  return packed.data();
+}
+
+// The binding both fused handlers start with: thread pool, x, w, the norm's scale and
+// offset (float32).
+inline auto NormalizedConvArgs() {
+  return xla::ffi::Ffi::Bind()
+      .Ctx<xla::ffi::ThreadPool>()
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // x
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // w
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>()   // scale
+      .Arg<xla::ffi::Buffer<xla::ffi::F32>>();  // offset
 }
 
 }  // namespace resnext_jax

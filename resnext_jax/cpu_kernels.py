@@ -205,6 +205,13 @@ def _split_over_batch(call, batched, sums_over_batch, rule, reduced=()):
   return op
 
 
+def _output_size(x_shape, kernel_shape, strides, padding):
+  """(Ho, Wo) of a convolution of NHWC `x_shape` with an HWIO kernel, explicit padding."""
+  (top, bottom), (left, right) = padding
+  return ((x_shape[1] + top + bottom - kernel_shape[0]) // strides[0] + 1,
+          (x_shape[2] + left + right - kernel_shape[1]) // strides[1] + 1)
+
+
 def _attributes(strides, padding):
   return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
               pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
@@ -216,11 +223,8 @@ def grouped_conv_forward(x, kernel, strides, padding, groups):
   `padding` is explicit ((top, bottom), (left, right)); the result has `x`'s dtype.
   """
   _require()
-  _, h, w, channels = x.shape
-  kh, kw = kernel.shape[:2]
-  (top, bottom), (left, right) = padding
-  ho = (h + top + bottom - kh) // strides[0] + 1
-  wo = (w + left + right - kw) // strides[1] + 1
+  channels = x.shape[-1]
+  ho, wo = _output_size(x.shape, kernel.shape, strides, padding)
   if kernel.shape[2] == 4:
     kernel, groups = _paired(kernel, groups), groups // 2
 
@@ -281,11 +285,8 @@ def stem_conv_normalized(x, kernel, scale, offset, *, strides, padding, relu=Fal
   """`relu?(conv(x, kernel) * scale + offset)` in one C++ pass, float32: the stem's
   convolution (HWIO `kernel`, few input channels) and its eval-mode batch norm."""
   _require()
-  _, h, w, _ = x.shape
-  kh, kw, _, out_channels = kernel.shape
-  (top, bottom), (left, right) = padding
-  ho = (h + top + bottom - kh) // strides[0] + 1
-  wo = (w + left + right - kw) // strides[1] + 1
+  out_channels = kernel.shape[-1]
+  ho, wo = _output_size(x.shape, kernel.shape, strides, padding)
 
   def call(x, k, scale, offset):
     result = jax.ShapeDtypeStruct((x.shape[0], ho, wo, out_channels), jnp.float32)

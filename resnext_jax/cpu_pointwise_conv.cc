@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
-#include <vector>
 
 #include "cpu_conv_tile.h"
 #include "cpu_ffi_common.h"
@@ -33,7 +32,8 @@ using resnext_jax::Epilogue;
 using resnext_jax::kDepthBlock;
 using resnext_jax::kPanel;
 using resnext_jax::kTileRows;
-using resnext_jax::Pack;
+using resnext_jax::NormalizedConvArgs;
+using resnext_jax::PackedWeights;
 using resnext_jax::ParallelFor;
 using resnext_jax::Tile;
 
@@ -97,17 +97,13 @@ ffi::Error PointwiseConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("pointwise conv: residual must have y's shape");
   if (g.pixels() == 0 || g.co == 0) return ffi::Error::Success();
 
-  thread_local std::vector<float> packed;
-  packed.resize(g.c * g.co);
-  Pack(pool, w.typed_data(), g.c, g.co, packed.data());
-
   const Epilogue e{scale.typed_data(), offset.typed_data(), relu};
   const int64_t row_blocks = (g.pixels() + kRowBlock - 1) / kRowBlock;
   const int64_t column_blocks = (g.co + kColumnBlock - 1) / kColumnBlock;
   const float* xp = x.typed_data();
   const float* rp = has_residual ? residual.typed_data() : nullptr;
   float* yp = y->typed_data();
-  const float* wp = packed.data();
+  const float* wp = PackedWeights(pool, w.typed_data(), g.c, g.co);
   ParallelFor(pool, row_blocks * column_blocks, [&](int64_t item) {
     const int64_t m0 = (item / column_blocks) * kRowBlock;
     const int64_t n0 = (item % column_blocks) * kColumnBlock;
@@ -120,12 +116,7 @@ ffi::Error PointwiseConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextPointwiseConv, PointwiseConv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // offset
+                              NormalizedConvArgs()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // residual or empty
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride")

@@ -32,7 +32,8 @@ using resnext_jax::Epilogue;
 using resnext_jax::kDepthBlock;
 using resnext_jax::kPanel;
 using resnext_jax::kTileRows;
-using resnext_jax::Pack;
+using resnext_jax::NormalizedConvArgs;
+using resnext_jax::PackedWeights;
 using resnext_jax::ParallelFor;
 using resnext_jax::Tile;
 using resnext_jax::TwoArraysToOne;
@@ -194,12 +195,9 @@ ffi::Error StemConvNormalized(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("stem conv: strides and kernel size must be >= 1");
   if (g.kh * g.row() > kDepthBlock)  // the weights must pack as one depth block
     return ffi::Error::InvalidArgument("stem conv: kernel too large for the forward kernel");
-  thread_local std::vector<float> packed;
-  packed.resize(g.kh * g.row() * g.co);
-  Pack(pool, w.typed_data(), g.kh * g.row(), g.co, packed.data());
+  const float* wp = PackedWeights(pool, w.typed_data(), g.kh * g.row(), g.co);
   const Epilogue e{scale.typed_data(), offset.typed_data(), relu};
   const float* xp = x.typed_data();
-  const float* wp = packed.data();
   float* yp = y->typed_data();
   ParallelFor(pool, g.wo > 0 ? g.n * g.ho : 0, [&](int64_t i) {
     thread_local std::vector<float> rows;
@@ -211,12 +209,7 @@ ffi::Error StemConvNormalized(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextStemConvNormalized, StemConvNormalized,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // offset
+                              NormalizedConvArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride_h")
                                   .Attr<int64_t>("stride_w")
