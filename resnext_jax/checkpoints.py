@@ -89,9 +89,30 @@ def _latest_step_dir(checkpoints_dir: str) -> str | None:
   return os.path.join(checkpoints_dir, str(max(steps))) if steps else None
 
 
+def _saved_tree(item_dir: str) -> Any:
+  """The saved arrays' metadata (shape, dtype) in their tree, without reading them."""
+  return ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)).tree
+
+
+def shape_mismatches(saved_tree: dict, target_tree: dict) -> list[str]:
+  """Where two nested dicts of arrays differ in keys or shapes, a line each, params first."""
+  saved = flax.traverse_util.flatten_dict(saved_tree, sep='/')
+  wanted = flax.traverse_util.flatten_dict(target_tree, sep='/')
+  lines = []
+  for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (k[:7] != 'params/', k)):
+    if key not in wanted:
+      lines.append(f'{key}: in the checkpoint, not in this config')
+    elif key not in saved:
+      lines.append(f'{key}: missing, this config {tuple(np.shape(wanted[key]))}')
+    elif tuple(saved[key].shape) != tuple(np.shape(wanted[key])):
+      lines.append(f'{key}: checkpoint {tuple(saved[key].shape)}, '
+                   f'this config {tuple(np.shape(wanted[key]))}')
+  return lines
+
+
 def _restore_as_numpy(item_dir: str) -> dict:
   """Restores host numpy arrays, whatever devices or processes wrote the checkpoint."""
-  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)).tree
+  tree = _saved_tree(item_dir)
   target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)
   return ocp.StandardCheckpointer().restore(item_dir, target)
 
@@ -147,9 +168,22 @@ class TrainingCheckpoints:
         DATA_ITEM: ocp.args.JsonSave(data_position)}), force=True)
 
   def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
-    """Restores into the structure, dtypes and shardings of `target_state`."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                            flax.serialization.to_state_dict(target_state))
+    """Restores into the structure, dtypes and shardings of `target_state`.
+
+    Raises `CheckpointError` listing the differing arrays when the saved state has
+    other keys or shapes; this is checked on the metadata first, so that no read is
+    started that would fail (Orbax leaves a failed read's tasks behind).
+    """
+    target = flax.serialization.to_state_dict(target_state)
+    mismatches = shape_mismatches(
+        _saved_tree(os.path.join(self.directory, str(step), STATE_ITEM)), target)
+    if mismatches:
+      raise CheckpointError(
+          f'The checkpoint at {self.directory}/{step} does not fit this config (a '
+          'different arch, num_classes or optimizer?). Use a new --workdir, or restore '
+          f'the config the run started with (saved in its config.json). '
+          f'{len(mismatches)} arrays differ, first:\n  ' + '\n  '.join(mismatches[:8]))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = self._manager.restore(step, args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardRestore(abstract),
         DATA_ITEM: ocp.args.JsonRestore()}))

@@ -284,13 +284,7 @@ def _restore_or_create(config, model, tx, ckpts, mesh):
   logging.info('%s parameters.', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
   if step is None:
     return state, None
-  try:
-    state, data_position = ckpts.restore(step, state)
-  except (ValueError, KeyError) as e:
-    raise checkpoints.CheckpointError(
-        f'The checkpoint at {ckpts.directory}/{step} does not fit this config (a '
-        f'different arch, num_classes or optimizer?). Use a new --workdir, or restore '
-        f'the config the run started with (saved in its config.json). Details: {e}') from e
+  state, data_position = ckpts.restore(step, state)
   logging.info('Resumed from %s/%d.', ckpts.directory, step)
   return state, data_position
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 import torch
 
-from resnext_jax import default_config, sharding, steps, trainer
+from resnext_jax import checkpoints, default_config, sharding, steps, trainer
 from resnext_jax.models import ResNeXt, init_variables
 
 
@@ -186,3 +186,13 @@ def test_progress_line_gives_time_left_once_compilation_is_behind(monkeypatch):
   assert first.endswith('includes compilation') and 'step 10/110' in first
   assert progress(20, 1.2, 0.1) == ('step 20/110 | loss 1.2000 | lr 0.1 | 80.0 img/s | '
                                     '0m18s left')
+
+
+def test_checkpoint_shape_mismatches_name_each_difference():
+  saved = {'params': {'a': np.zeros((2, 3)), 'b': np.zeros(4), 'old': np.zeros(1)}}
+  wanted = {'params': {'a': np.zeros((2, 3)), 'b': np.zeros(5), 'new': np.zeros((1, 2))}}
+  assert checkpoints.shape_mismatches(saved, wanted) == [
+      'params/b: checkpoint (4,), this config (5,)',
+      'params/new: missing, this config (1, 2)',
+      'params/old: in the checkpoint, not in this config']
+  assert checkpoints.shape_mismatches(saved, saved) == []
