@@ -289,9 +289,9 @@ def test_fused_conv_and_norm_sharded_and_under_remat(case_name):
 
 
 @needs_native
-def test_native_eval_fuses_the_1x1_convs_with_their_norms():
-  """The eval-mode model runs its stem and 1x1 convs through the fused kernels, and train
-  mode never does. (The tiny ResNeXt test above compares the fused 1x1 convs in a whole
+def test_native_eval_fuses_the_1x1_convs_with_their_norms_and_train_does_not():
+  """The eval-mode model runs its stem and 1x1 convs through the fused kernels; train mode
+  runs only the stem's forward pass there (with an identity norm). (The tiny ResNeXt test above compares the fused 1x1 convs in a whole
   model; tests/test_convert.py compares eval logits with torchvision's, with random
   running statistics, through both fused kernels.)"""
   model = models.ResNeXt(stage_sizes=(1, 1), base_planes=16, num_classes=10,
@@ -305,7 +305,7 @@ def test_native_eval_fuses_the_1x1_convs_with_their_norms():
   train_hlo = jax.jit(lambda v: model.apply(v, images, train=True, mutable=['batch_stats'])
                       ).lower(variables).as_text()
   assert cpu_kernels.POINTWISE_TARGET not in train_hlo
-  assert cpu_kernels.STEM_NORMALIZED_TARGET not in train_hlo
+  assert train_hlo.count(cpu_kernels.STEM_NORMALIZED_TARGET) == 1
 
 
 @needs_native
