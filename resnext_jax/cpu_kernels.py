@@ -10,6 +10,9 @@
 * `cpu_pointwise_conv.cc`: a 1x1 convolution with its eval-mode batch norm, residual add
   and ReLU applied before its outputs leave the registers, where XLA makes separate
   passes over the output for them. (`cpu_conv_tile.h`: the register tile both share.)
+* `cpu_channel_sums.cc`: the two per-channel sums of a training batch norm (forward:
+  of x and x * x; backward: of g and g * x) from one read, where XLA reads the tensor
+  once per sum.
 
 The sources are compiled once per machine with the system's C++ compiler (`$CXX`, else
 `c++`, `g++` or `clang++`) against the XLA FFI headers that jaxlib ships, and cached
@@ -37,13 +40,14 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_HERE, name)
                 for name in ('cpu_grouped_conv.cc', 'cpu_stem_conv.cc', 'cpu_pointwise_conv.cc',
-                             'cpu_conv_tile.h', 'cpu_ffi_common.h'))
+                             'cpu_channel_sums.cc', 'cpu_conv_tile.h', 'cpu_ffi_common.h'))
 FLAGS = ('-O3', '-mavx2', '-mfma', '-std=c++17', '-shared', '-fPIC')
 FORWARD_TARGET = 'resnext_grouped_conv_forward'
 KERNEL_GRAD_TARGET = 'resnext_grouped_conv_kernel_grad'
 STEM_KERNEL_GRAD_TARGET = 'resnext_stem_conv_kernel_grad'
 POINTWISE_TARGET = 'resnext_pointwise_conv'
 STEM_NORMALIZED_TARGET = 'resnext_stem_conv_normalized'
+CHANNEL_SUMS_TARGET = 'resnext_channel_sums'
 # Group widths (input = output channels per group) that the kernel is compiled for.
 WIDTHS = (8, 16, 32)
 
@@ -126,7 +130,8 @@ def unavailable_reason() -> str | None:
                           (KERNEL_GRAD_TARGET, library.ResnextGroupedConvKernelGrad),
                           (STEM_KERNEL_GRAD_TARGET, library.ResnextStemConvKernelGrad),
                           (POINTWISE_TARGET, library.ResnextPointwiseConv),
-                          (STEM_NORMALIZED_TARGET, library.ResnextStemConvNormalized)):
+                          (STEM_NORMALIZED_TARGET, library.ResnextStemConvNormalized),
+                          (CHANNEL_SUMS_TARGET, library.ResnextChannelSums)):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
   return None
 
@@ -343,3 +348,25 @@ def pointwise_conv(x, kernel, scale, offset, *, stride=1, residual=None, relu=Fa
   fused = _split_over_batch(call, batched=(True, False, False, False) + (True,) * with_residual,
                             sums_over_batch=False, rule=rule + ' -> n p q o')
   return fused(*(a.astype(jnp.float32) for a in operands))
+
+
+def channel_sums(a, b=None):
+  """`[2, C]` float32: per-channel sums over the pixels of NHWC `a`, of `a` and of `a * b`
+  (`a * a` without `b`), from one C++ pass; over a batch-sharded mesh, of the global
+  batch."""
+  _require()
+  operands = (a,) if b is None else (a, b)
+  if a.ndim != 4 or any(o.shape != a.shape for o in operands):
+    raise ValueError(f'channel_sums: expected NHWC arrays of one shape, got '
+                     f'{[o.shape for o in operands]}')
+
+  def call(*arrays):
+    empty = () if len(arrays) == 2 else (jnp.zeros((0,), jnp.float32),)
+    return jax.ffi.ffi_call(CHANNEL_SUMS_TARGET,
+                            jax.ShapeDtypeStruct((2, a.shape[-1]), jnp.float32))(
+                                *arrays, *empty)
+
+  summed = _split_over_batch(call, batched=(True,) * len(operands), sums_over_batch=True,
+                             rule=', '.join(['n h w c'] * len(operands)) + ' -> t c',
+                             reduced=('n',))
+  return summed(*(o.astype(jnp.float32) for o in operands))

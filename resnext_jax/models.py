@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnext_jax import pooling
+from resnext_jax import norm_sums, pooling
 from resnext_jax.grouped_conv import Conv2D
 
 # ImageNet RGB statistics on the 0-255 scale, as mmcls and torchvision weights expect.
@@ -35,12 +35,14 @@ class BatchNorm(nn.Module):
   PyTorch uses the unbiased one. Converted weights and mmcls' recipe assume PyTorch's
   rule, so it is reproduced here. `momentum` follows Flax's convention
   (PyTorch momentum 0.1 == 0.9 here). Under a sharded `jit` the batch statistics are
-  those of the global batch.
+  those of the global batch. `impl` is the model's `conv_impl`: with 'native' the
+  per-channel sums of training run in C++ (`norm_sums.py`).
   """
   use_running_average: bool
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  impl: str = 'auto'
   scale_init: Callable[..., jax.Array] = nn.initializers.ones
 
   @nn.compact
@@ -68,10 +70,8 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       mean, var = running_mean.value, running_var.value
     else:
-      axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.float32)
-      mean = jnp.mean(xf, axes)
-      var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+      mean, mean_of_squares = norm_sums.moments(x, self.impl)
+      var = jnp.maximum(mean_of_squares - jnp.square(mean), 0.0)
       if not self.is_initializing():
         count = x.size // features
         unbiased_var = var * (count / max(count - 1, 1))
@@ -80,7 +80,7 @@ class BatchNorm(nn.Module):
         running_var.value = m * running_var.value + (1 - m) * unbiased_var
 
     multiplier, offset = self._affine(scale, bias, mean, var)
-    return x.astype(self.dtype) * multiplier.astype(self.dtype) + offset.astype(self.dtype)
+    return norm_sums.scale_and_shift(x.astype(self.dtype), multiplier, offset, self.impl)
 
 
 class Bottleneck(nn.Module):
@@ -136,7 +136,7 @@ class ResNeXt(nn.Module):
     conv = functools.partial(Conv2D, impl=self.conv_impl, dtype=self.dtype)
     norm = functools.partial(BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype)
+                             dtype=self.dtype, impl=self.conv_impl)
     x = conv(self.base_planes, 7, strides=2, name='conv1')(x, norm=norm(name='bn1'), relu=True)
     x = pooling.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
                          impl=self.conv_impl)
