@@ -425,9 +425,11 @@ def _im2col_kernel_grad(x, dy, kernel_shape, strides, padding):
 
 
 def _dense_forward(x, kernel, strides, padding, native):
-  """The stem's forward pass: with 'native' and float32, the fused stem kernel with an
-  identity norm (twice as fast as XLA's convolution here); else XLA's."""
-  if (native and x.dtype == kernel.dtype == jnp.float32
+  """A dense convolution's forward pass: for a stem (a square kernel larger than 1x1 over
+  few channels) with 'native' and float32, the fused stem kernel with an identity norm
+  (twice as fast as XLA's convolution here); else XLA's."""
+  kh, kw = kernel.shape[:2]
+  if (native and x.dtype == kernel.dtype == jnp.float32 and kh == kw > 1
       and cpu_kernels.supports_stem_forward(kernel.shape)):
     out_channels = kernel.shape[-1]
     return cpu_kernels.stem_conv_normalized(

@@ -35,15 +35,18 @@ class BatchNorm(nn.Module):
   PyTorch uses the unbiased one. Converted weights and mmcls' recipe assume PyTorch's
   rule, so it is reproduced here. `momentum` follows Flax's convention
   (PyTorch momentum 0.1 == 0.9 here). Under a sharded `jit` the batch statistics are
-  those of the global batch. `impl` is the model's `conv_impl`: with 'native' the
-  per-channel sums of training run in C++ (`norm_sums.py`).
+  those of the global batch. `impl` is the model's `conv_impl`: with 'native' (float32
+  NHWC inputs) the per-channel sums of the statistics and of the scale and offset
+  gradients run in C++ (`norm_sums.py`); like 'native''s convolutions, that form has
+  reverse-mode gradients only (no `jax.jvp`, `vmap` or second order). The default,
+  'xla', is plain JAX.
   """
   use_running_average: bool
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
-  impl: str = 'auto'
   scale_init: Callable[..., jax.Array] = nn.initializers.ones
+  impl: str = 'xla'
 
   @nn.compact
   def _variables(self, features: int):

@@ -3,8 +3,10 @@
 A training batch norm sums its input and the input's squares per channel (forward),
 and, for the gradients of its scale and offset, the output gradient g and g * x
 (backward). XLA's CPU backend reads the whole tensor once per sum; with
-`conv_impl='native'` both sums of a pair come from one pass of a C++ kernel
-(`cpu_kernels.channel_sums`), 2x faster on the tensors of a ResNeXt (README, "Speed").
+`conv_impl='native'` and float32 NHWC tensors both sums of a pair come from one pass of
+a C++ kernel (`cpu_kernels.channel_sums`), 2x faster on the tensors of a ResNeXt
+(README, "Speed"). The backward pair also serves gradients through an eval-mode norm
+(frozen statistics) that is not fused into its convolution.
 The formulas are those of the plain form, `x * multiplier + offset` with statistics
 from `mean(x)` and `mean(x * x)`; only the reductions run elsewhere.
 """

@@ -291,9 +291,10 @@ def test_fused_conv_and_norm_sharded_and_under_remat(case_name):
 @needs_native
 def test_native_eval_fuses_the_1x1_convs_with_their_norms_and_train_does_not():
   """The eval-mode model runs its stem and 1x1 convs through the fused kernels; train mode
-  runs only the stem's forward pass there (with an identity norm). (The tiny ResNeXt test above compares the fused 1x1 convs in a whole
-  model; tests/test_convert.py compares eval logits with torchvision's, with random
-  running statistics, through both fused kernels.)"""
+  runs only the stem's forward pass there (with an identity norm). (The tiny ResNeXt test
+  above compares the fused 1x1 convs in a whole model; tests/test_convert.py compares
+  eval logits with torchvision's, with random running statistics, through both fused
+  kernels.)"""
   model = models.ResNeXt(stage_sizes=(1, 1), base_planes=16, num_classes=10,
                          cardinality=2, width_per_group=8, conv_impl='native')
   variables = models.init_variables(model, jax.random.key(0), image_size=32)

@@ -11,10 +11,10 @@ from resnext_jax import cpu_kernels, models, norm_sums
 pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                                 reason=f'{cpu_kernels.unavailable_reason()}')
 
-# Channels that fill no vector exactly, and pixel counts below, at and across the
-# kernel's 512-pixel work items.
-SHAPES = {'small': (2, 5, 7, 20), 'one_block': (2, 16, 16, 8), 'many_blocks': (3, 20, 30, 24),
-          'one_pixel': (1, 1, 1, 3)}
+# Channels that fill no vector exactly; pixel counts that make the kernel's work items
+# (64 to 512 pixels, at least 4 per thread where the tensor allows) uneven, or all full.
+SHAPES = {'small': (2, 5, 7, 20), 'even': (2, 16, 16, 8), 'uneven': (3, 20, 30, 24),
+          'largest_items': (2, 40, 60, 5), 'one_pixel': (1, 1, 1, 3)}
 
 
 def rel_err(a, b):
