@@ -5,13 +5,18 @@
 The tensors are the inputs of the train-mode model's batch norms, recorded while tracing
 it. For each distinct shape it times, in turns, the forward pair (sums of x and x * x)
 and the backward pair (of g and g * x), each as one `cpu_kernels.channel_sums` call and
-as XLA's two reductions; the last line weights each shape by how often it occurs.
+as XLA's two reductions, and weights each shape by how often it occurs. With
+`--step_pairs=N` it then times the whole train step (`python -m resnext_jax.benchmark`'s)
+compiled with XLA's reductions and with the kernel, in N alternating pairs, and prints
+the median ratio of their speeds.
 """
 
 import argparse
 import collections
 import os
+import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from resnext_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -24,7 +29,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from conv_layers import time_round_robin  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnext_jax import cpu_kernels, models, norm_sums  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax import benchmark, cpu_kernels, models, norm_sums  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PIXELS = (0, 1, 2)
 
@@ -35,6 +40,9 @@ def parse_args(argv):
   parser.add_argument('--batch_size', type=int, default=16)
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--rounds', type=int, default=9, help='timed turns per candidate')
+  parser.add_argument('--step_pairs', type=int, default=0,
+                      help='then time the whole train step with and without the kernel, '
+                           'in this many alternating pairs')
   return parser.parse_args(argv)
 
 
@@ -89,6 +97,38 @@ def main(argv):
         + ' |')
   print(f'speedup: forward {totals["fwd xla"] / totals["fwd kernel"]:.2f}, '
         f'backward {totals["bwd xla"] / totals["bwd kernel"]:.2f}')
+  if args.step_pairs:
+    compare_train_steps(args)
+
+
+def compare_train_steps(args):
+  """The train step compiled with XLA's reductions and with the kernel, timed in turns."""
+  step_args = benchmark.parse_args([f'--arch={args.arch}', f'--batch_size={args.batch_size}',
+                                    f'--image_size={args.image_size}', '--mode=train',
+                                    '--conv_impl=native'])
+  with_kernel = norm_sums.uses_kernel
+  norm_sums.uses_kernel = lambda x, impl: False
+  try:
+    steps = {'xla': benchmark.build_step(step_args)[0]}
+  finally:
+    norm_sums.uses_kernel = with_kernel
+  steps['kernel'] = benchmark.build_step(step_args)[0]
+  for run in steps.values():
+    run()
+  times = {name: [] for name in steps}
+  ratios = []
+  for i in range(args.step_pairs):
+    for name in (('xla', 'kernel') if i % 2 == 0 else ('kernel', 'xla')):
+      start = time.perf_counter()
+      steps[name]()
+      times[name].append(time.perf_counter() - start)
+    ratios.append(times['xla'][-1] / times['kernel'][-1])
+    print(f'pair {i + 1}: xla {times["xla"][-1]:.3f} s, kernel {times["kernel"][-1]:.3f} s',
+          flush=True)
+  print(f'train step: xla median {statistics.median(times["xla"]):.3f} s, kernel median '
+        f'{statistics.median(times["kernel"]):.3f} s; speedup median '
+        f'{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}) '
+        f'over {args.step_pairs} pairs')
 
 
 if __name__ == '__main__':
