@@ -44,8 +44,8 @@ Implementations:
 
 | backend | choice | why |
 |---------|--------|-----|
-| cpu     | 'native' | ResNeXt-50 32x4d, batch 16, ratio to torchvision's step: train 1.01-1.06, eval 1.17-1.33; 'taps' 0.77 and 0.91; 'xla' train 0.03. 'taps' where the C++ kernel cannot be built |
-| gpu     | 'xla'  | cuDNN's grouped convolutions; not measured here yet (benchmarks/gpu.sh) |
+| cpu     | 'native' | ResNeXt-50 32x4d, batch 16, ratio to torchvision's step: train 1.00-1.07, eval 1.17-1.35; 'taps' 0.77 and 0.91; 'xla' train 0.03. 'taps' where the C++ kernel cannot be built |
+| gpu     | 'xla'  | cuDNN's grouped convolutions: train step 1.37x (ResNeXt-50) and 1.32x (ResNeXt-101 32x8d) torchvision's on an H200, bf16, batch 128; 'taps' failed to compile there (benchmarks/gpu.sh) |
 | tpu     | 'xla'  | not measured; XLA's TPU convolutions handle groups natively |
 """
 
