@@ -52,11 +52,17 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def model_conv_layers(arch, batch_size, image_size):
-  """Distinct convolutions of the model in order of appearance, with their counts."""
-  model = models.create_model(arch, conv_impl='xla')
+def abstract_model(arch, conv_impl, batch_size, image_size):
+  """`(model, images, variables)`, the last two as shapes only: for tracing, not running."""
+  model = models.create_model(arch, conv_impl=conv_impl)
   images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  return model, images, variables
+
+
+def model_conv_layers(arch, batch_size, image_size):
+  """Distinct convolutions of the model in order of appearance, with their counts."""
+  model, images, variables = abstract_model(arch, 'xla', batch_size, image_size)
   jaxpr = jax.make_jaxpr(
       lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(variables, images)
   counts = collections.Counter()

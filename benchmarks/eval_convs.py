@@ -27,6 +27,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from conv_layers import abstract_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 from resnext_jax import grouped_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 from resnext_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -44,9 +45,7 @@ def parse_args(argv):
 
 def fused_layers(arch, batch_size, image_size):
   """The model's calls to `conv2d_normalized` in eval mode, with their counts."""
-  model = models.create_model(arch, conv_impl='native')
-  images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  model, images, variables = abstract_model(arch, 'native', batch_size, image_size)
   calls = collections.Counter()
   original = grouped_conv.conv2d_normalized
 

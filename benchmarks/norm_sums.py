@@ -28,7 +28,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from conv_layers import time_round_robin  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conv_layers import abstract_model, time_round_robin  # pylint: disable=g-import-not-at-top,wrong-import-position
 from resnext_jax import benchmark, cpu_kernels, models, norm_sums  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PIXELS = (0, 1, 2)
@@ -48,9 +48,7 @@ def parse_args(argv):
 
 def norm_input_shapes(arch, batch_size, image_size):
   """Shapes of the train-mode model's batch-norm inputs, with their counts."""
-  model = models.create_model(arch, conv_impl='native')
-  images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  model, images, variables = abstract_model(arch, 'native', batch_size, image_size)
   shapes = collections.Counter()
   original = norm_sums.moments
 
