@@ -3,7 +3,8 @@
 Batches arrive as uint8 images (normalised here, on the device) with int32 labels, and
 for evaluation a `mask` that marks real (not padding) examples. Loss is float32.
 The trainer wraps these in `jax.jit` with explicit shardings; the benchmark runs the
-very same functions.
+very same functions. Only jax, flax and optax are imported here (no clu, no TensorFlow),
+so that the benchmark, which runs these steps, works wherever JAX does.
 """
 
 from typing import Any
@@ -13,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from clu import metrics as clu_metrics
 
 from resnext_jax.models import normalize_images
 
@@ -73,23 +73,36 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   return new_state, metrics
 
 
-@flax.struct.dataclass
-class EvalMetrics(clu_metrics.Collection):
-  """Averages over the real (mask=True) examples; `merge` them across batches."""
-  loss: clu_metrics.Average.from_output('loss')
-  top1: clu_metrics.Average.from_output('top1')
-  top5: clu_metrics.Average.from_output('top5')
+EVAL_SUMS = ('loss', 'top1', 'top5')
 
 
-def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> EvalMetrics:
-  """Loss, top-1 and top-5 of a (padded) batch, counting only examples with mask=True."""
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict[str, jax.Array]:
+  """Sums of loss, top-1 and top-5 hits over a (padded) batch's mask=True examples.
+
+  Sums and a `count` rather than means, so that batches add up exactly across an eval
+  pass whatever their padding; `mean_eval_metrics` divides once at the end.
+  """
   images = normalize_images(batch['image'], model.dtype)
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                        images, train=False)
   labels = batch['label']
+  mask = batch.get('mask', jnp.ones(labels.shape, bool))
   top5 = jax.lax.top_k(logits, min(5, model.num_classes))[1]
-  return EvalMetrics.single_from_model_output(
-      loss=cross_entropy(logits, labels, model.num_classes),
-      top1=(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
-      top5=jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32),
-      mask=batch.get('mask', jnp.ones(labels.shape, bool)))
+  per_example = {
+      'loss': cross_entropy(logits, labels, model.num_classes),
+      'top1': jnp.argmax(logits, -1) == labels,
+      'top5': jnp.any(top5 == labels[:, None], axis=-1),
+  }
+  sums = {name: jnp.sum(jnp.where(mask, per_example[name], 0.0)) for name in EVAL_SUMS}
+  sums['count'] = jnp.sum(mask, dtype=jnp.float32)
+  return sums
+
+
+def mean_eval_metrics(sums: dict) -> dict[str, float]:
+  """`eval_loss`, `eval_top1`, `eval_top5` (means) and `eval_count` from summed `eval_step`s."""
+  count = float(sums['count'])
+  if not count:
+    raise ValueError('The evaluation saw no examples (every batch was padding).')
+  results = {f'eval_{name}': float(sums[name]) / count for name in EVAL_SUMS}
+  results['eval_count'] = count
+  return results

@@ -168,13 +168,14 @@ def put_replicated(tree: Any, target: jax.sharding.Sharding) -> Any:
 def evaluate(eval_fn, state: steps.TrainState, config: ml_collections.ConfigDict,
              batch_sharding: jax.sharding.Sharding) -> dict[str, float]:
   """Loss, top-1 and top-5 over every example of config.eval_split, each counted once."""
-  merged = None
+  totals = None
   for local_batch in input_pipeline.create_eval_iterator(config):
-    metrics = eval_fn(state, input_pipeline.make_global_batch(local_batch, batch_sharding))
-    merged = metrics if merged is None else merged.merge(metrics)
-  results = {f'eval_{name}': float(value) for name, value in merged.compute().items()}
-  results['eval_count'] = float(merged.loss.count)
-  return results
+    sums = eval_fn(state, input_pipeline.make_global_batch(local_batch, batch_sharding))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError(f'The eval split {config.eval_split!r} gave no batches; check '
+                     'config.eval_split.')
+  return steps.mean_eval_metrics(jax.device_get(totals))
 
 
 # ----------------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ class StopSignal:
 @dataclasses.dataclass
 class JittedSteps:
   train: Any  # (state, batch) -> (state, metrics); donates the state
-  eval: Any  # (state, batch) -> steps.EvalMetrics of the batch
+  eval: Any  # (state, batch) -> the batch's metric sums (steps.eval_step)
 
 
 def jit_steps(model, tx, learning_rate_fn, config, mesh) -> JittedSteps:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from resnext_jax import checkpoints, default_config, sharding, steps, trainer
-from resnext_jax.models import ResNeXt, init_variables
+from resnext_jax.models import ResNeXt, init_variables, normalize_images
 
 
 def make_config(**overrides):
@@ -170,11 +170,18 @@ def test_eval_metrics_count_only_real_examples():
   padded = steps.eval_step(
       state, {'image': np.concatenate([images[:4], 0 * images[4:]]), 'label': labels,
               'mask': np.array([True] * 4 + [False] * 2)}, model=model)
-  assert float(padded.loss.count) == 4
-  for name, value in padded.compute().items():
-    np.testing.assert_allclose(value, real.compute()[name], rtol=1e-6)
-  merged = real.merge(padded)
-  assert float(merged.top1.count) == 8
+  assert float(padded['count']) == 4
+  for name, value in steps.mean_eval_metrics(padded).items():
+    np.testing.assert_allclose(value, steps.mean_eval_metrics(real)[name], rtol=1e-6)
+  # By hand from the logits: the loss of each real example, and its top-1 hit.
+  logits = model.apply(variables, normalize_images(images[:4], jnp.float32), train=False)
+  log_probs = jax.nn.log_softmax(logits)
+  np.testing.assert_allclose(float(real['loss']),
+                             -float(jnp.sum(log_probs[np.arange(4), labels[:4]])), rtol=1e-5)
+  assert float(real['top1']) == float(np.sum(np.argmax(logits, -1) == labels[:4]))
+  assert float(real['top5']) == 4  # 5 classes: every label is in the top 5
+  with pytest.raises(ValueError, match='no examples'):
+    steps.mean_eval_metrics({'loss': 0.0, 'top1': 0.0, 'top5': 0.0, 'count': 0.0})
 
 
 def test_progress_line_gives_time_left_once_compilation_is_behind(monkeypatch):
