@@ -94,19 +94,22 @@ def _saved_tree(item_dir: str) -> Any:
   return ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)).tree
 
 
-def shape_mismatches(saved_tree: dict, target_tree: dict) -> list[str]:
-  """Where two nested dicts of arrays differ in keys or shapes, a line each, params first."""
+def shape_mismatches(saved_tree: dict, target_tree: dict) -> dict[str, str]:
+  """Where two nested dicts of arrays differ in keys or shapes: {'a/b/c': line}, params first.
+
+  Shared by resuming (any difference refuses) and by `init_from` (a head may differ).
+  """
   saved = flax.traverse_util.flatten_dict(saved_tree, sep='/')
   wanted = flax.traverse_util.flatten_dict(target_tree, sep='/')
-  lines = []
+  lines = {}
   for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (k[:7] != 'params/', k)):
     if key not in wanted:
-      lines.append(f'{key}: in the checkpoint, not in this config')
+      lines[key] = f'{key}: in the checkpoint, not in this config'
     elif key not in saved:
-      lines.append(f'{key}: missing, this config {tuple(np.shape(wanted[key]))}')
+      lines[key] = f'{key}: missing, this config {tuple(np.shape(wanted[key]))}'
     elif tuple(saved[key].shape) != tuple(np.shape(wanted[key])):
-      lines.append(f'{key}: checkpoint {tuple(saved[key].shape)}, '
-                   f'this config {tuple(np.shape(wanted[key]))}')
+      lines[key] = (f'{key}: checkpoint {tuple(saved[key].shape)}, '
+                    f'this config {tuple(np.shape(wanted[key]))}')
   return lines
 
 
@@ -175,8 +178,8 @@ class TrainingCheckpoints:
     started that would fail (Orbax leaves a failed read's tasks behind).
     """
     target = flax.serialization.to_state_dict(target_state)
-    mismatches = shape_mismatches(
-        _saved_tree(os.path.join(self.directory, str(step), STATE_ITEM)), target)
+    mismatches = list(shape_mismatches(
+        _saved_tree(os.path.join(self.directory, str(step), STATE_ITEM)), target).values())
     if mismatches:
       raise CheckpointError(
           f'The checkpoint at {self.directory}/{step} does not fit this config (a '

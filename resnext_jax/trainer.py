@@ -118,23 +118,17 @@ def merge_pretrained(initial: dict, loaded: dict, source: str) -> tuple[dict, li
   """
   flat_initial = flax.traverse_util.flatten_dict(initial, sep='/')
   flat_loaded = flax.traverse_util.flatten_dict(loaded, sep='/')
-  merged, not_loaded, mismatches = {}, [], []
-  for key, value in flat_initial.items():
-    other = flat_loaded.get(key)
-    if other is not None and other.shape == value.shape:
-      merged[key] = np.asarray(other, value.dtype)
-      continue
-    merged[key] = value
-    found = 'missing' if other is None else f'checkpoint {tuple(other.shape)}'
-    description = f'{key}: {found}, model {tuple(value.shape)}'
-    (not_loaded if key.startswith(HEAD_PREFIX) else mismatches).append(description)
-  mismatches += [f'{key}: in the checkpoint, not in the model'
-                 for key in flat_loaded if key not in flat_initial]
+  differences = checkpoints.shape_mismatches(loaded, initial)
+  head = {key for key in differences if key.startswith(HEAD_PREFIX) and key in flat_initial}
+  mismatches = [line for key, line in differences.items() if key not in head]
   if mismatches:
     listed = '\n  '.join(mismatches[:8])
     raise ValueError(
         f'config.init_from={source} does not fit the configured model (config.arch / '
         f'config.model); {len(mismatches)} variables differ, first:\n  {listed}')
+  merged = {key: value if key in head else np.asarray(flat_loaded[key], value.dtype)
+            for key, value in flat_initial.items()}
+  not_loaded = [line for key, line in differences.items() if key in head]
   return flax.traverse_util.unflatten_dict(merged, sep='/'), not_loaded
 
 

@@ -181,8 +181,8 @@ def test_finetune_from_converted_torchvision_weights_with_a_new_head(
   workdir = str(tmp_path / 'finetune')
   trainer.train_and_evaluate(config, workdir)
   assert 'Not loaded (re-initialised)' in caplog.text
-  assert 'params/fc/kernel: checkpoint (2048, 10), model (2048, 5)' in caplog.text
-  assert 'params/fc/bias: checkpoint (10,), model (5,)' in caplog.text
+  assert 'params/fc/kernel: checkpoint (2048, 10), this config (2048, 5)' in caplog.text
+  assert 'params/fc/bias: checkpoint (10,), this config (5,)' in caplog.text
   tuned = checkpoints.load_variables(workdir)
   assert tuned['params']['fc']['kernel'].shape == (2048, 5)
   # With a zero learning rate the backbone is exactly the converted one.

@@ -96,8 +96,8 @@ def test_merge_pretrained_replaces_only_a_head_of_a_different_size():
   target = init_variables(ResNeXt(num_classes=3, **TINY), jax.random.PRNGKey(2), 32)
   merged, not_loaded = trainer.merge_pretrained(jax.device_get(target),
                                                 jax.device_get(source), 'SRC')
-  assert not_loaded == ['params/fc/bias: checkpoint (10,), model (3,)',
-                        'params/fc/kernel: checkpoint (64, 10), model (64, 3)']
+  assert not_loaded == ['params/fc/bias: checkpoint (10,), this config (3,)',
+                        'params/fc/kernel: checkpoint (64, 10), this config (64, 3)']
   np.testing.assert_array_equal(merged['params']['fc']['kernel'],
                                 target['params']['fc']['kernel'])
   np.testing.assert_array_equal(merged['params']['conv1']['kernel'],
@@ -111,12 +111,12 @@ def test_merge_pretrained_refuses_a_different_backbone():
   other = dict(TINY, stage_sizes=(1, 2))
   target = init_variables(ResNeXt(num_classes=3, **other), jax.random.PRNGKey(2), 32)
   with pytest.raises(ValueError, match=r'init_from=SRC does not fit.*15 variables differ'
-                                       r'.*\n  batch_stats/layer2_1/bn1/mean: missing, '
-                                       r'model \(16,\)'):
+                                       r'.*\n  params/layer2_1/bn1/bias: missing, '
+                                       r'this config \(16,\)'):
     trainer.merge_pretrained(jax.device_get(target), jax.device_get(source), 'SRC')
   wider = dict(TINY, width_per_group=4)
   target = init_variables(ResNeXt(num_classes=3, **wider), jax.random.PRNGKey(2), 32)
-  with pytest.raises(ValueError, match=r'checkpoint \(8,\), model \(16,\)'):
+  with pytest.raises(ValueError, match=r'checkpoint \(8,\), this config \(16,\)'):
     trainer.merge_pretrained(jax.device_get(target), jax.device_get(source), 'SRC')
 
 
@@ -196,10 +196,13 @@ def test_progress_line_gives_time_left_once_compilation_is_behind(monkeypatch):
 
 
 def test_checkpoint_shape_mismatches_name_each_difference():
-  saved = {'params': {'a': np.zeros((2, 3)), 'b': np.zeros(4), 'old': np.zeros(1)}}
-  wanted = {'params': {'a': np.zeros((2, 3)), 'b': np.zeros(5), 'new': np.zeros((1, 2))}}
-  assert checkpoints.shape_mismatches(saved, wanted) == [
-      'params/b: checkpoint (4,), this config (5,)',
-      'params/new: missing, this config (1, 2)',
-      'params/old: in the checkpoint, not in this config']
-  assert checkpoints.shape_mismatches(saved, saved) == []
+  saved = {'batch_stats': {'m': np.zeros(2)},
+           'params': {'a': np.zeros((2, 3)), 'b': np.zeros(4), 'old': np.zeros(1)}}
+  wanted = {'batch_stats': {'m': np.zeros(3)},
+            'params': {'a': np.zeros((2, 3)), 'b': np.zeros(5), 'new': np.zeros((1, 2))}}
+  assert list(checkpoints.shape_mismatches(saved, wanted).items()) == [  # params first
+      ('params/b', 'params/b: checkpoint (4,), this config (5,)'),
+      ('params/new', 'params/new: missing, this config (1, 2)'),
+      ('params/old', 'params/old: in the checkpoint, not in this config'),
+      ('batch_stats/m', 'batch_stats/m: checkpoint (2,), this config (3,)')]
+  assert not checkpoints.shape_mismatches(saved, saved)
