@@ -10,9 +10,9 @@ step built with `conv_impl='xla'` (so every implementation is credited with the 
 work; a `fori_loop` would otherwise be counted once), the FLOP/s that makes, and MFU
 where the device's peak is in `PEAK_FLOPS`. The last line is `images_per_sec=<float>`.
 
-Imports only jax, flax, optax, numpy and this package's model and step code (no
-TensorFlow, clu or orbax; tests/test_benchmark.py blocks them), so it runs wherever JAX
-does.
+Needs only jax, flax, optax, numpy and this package's model and step code (no TensorFlow,
+clu or orbax; tests/test_benchmark.py blocks them), so it runs wherever JAX does: from a
+checkout, or after `pip install --no-deps -e .`.
 """
 
 import argparse

@@ -77,7 +77,7 @@ EVAL_SUMS = ('loss', 'top1', 'top5')
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict[str, jax.Array]:
-  """Sums of loss, top-1 and top-5 hits over a (padded) batch's mask=True examples.
+  """Sum of the loss, top-1 and top-5 hits over a (padded) batch's mask=True examples.
 
   Sums and a `count` rather than means, so that batches add up exactly across an eval
   pass whatever their padding; `mean_eval_metrics` divides once at the end.
@@ -88,13 +88,13 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict[str, 
   labels = batch['label']
   mask = batch.get('mask', jnp.ones(labels.shape, bool))
   top5 = jax.lax.top_k(logits, min(5, model.num_classes))[1]
-  per_example = {
-      'loss': cross_entropy(logits, labels, model.num_classes),
-      'top1': jnp.argmax(logits, -1) == labels,
-      'top5': jnp.any(top5 == labels[:, None], axis=-1),
-  }
-  sums = {name: jnp.sum(jnp.where(mask, per_example[name], 0.0)) for name in EVAL_SUMS}
-  sums['count'] = jnp.sum(mask, dtype=jnp.float32)
+  loss = cross_entropy(logits, labels, model.num_classes)
+  hits = {'top1': jnp.argmax(logits, -1) == labels,
+          'top5': jnp.any(top5 == labels[:, None], axis=-1)}
+  # Counts as int32, exact for any eval set; a padding example's loss never enters.
+  sums = {name: jnp.sum(mask & hit, dtype=jnp.int32) for name, hit in hits.items()}
+  sums['loss'] = jnp.sum(jnp.where(mask, loss, jnp.float32(0)))
+  sums['count'] = jnp.sum(mask, dtype=jnp.int32)
   return sums
 
 

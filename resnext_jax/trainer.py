@@ -110,7 +110,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNeXt:
 
 
 def merge_pretrained(initial: dict, loaded: dict, source: str) -> tuple[dict, list[str]]:
-  """Takes every variable from `loaded`, except a head whose shape differs.
+  """Takes every variable from `loaded`, except a head it lacks or has in another shape.
 
   Returns the merged variables and a description of each variable that was not
   loaded. Any other difference (a missing, extra or reshaped backbone variable) means

@@ -21,7 +21,8 @@ import runpy, sys
 class NotInstalled:
   def find_spec(self, name, path=None, target=None):
     if name.split('.')[0] in {NOT_INSTALLED!r}:
-      raise ImportError(f'{{name}} is not installed (blocked by the test)')
+      raise ModuleNotFoundError(f'{{name}} is not installed (blocked by the test)',
+                                name=name)
 
 sys.meta_path.insert(0, NotInstalled())
 sys.argv = ['resnext_jax.benchmark'] + sys.argv[1:]
@@ -30,7 +31,9 @@ runpy.run_module('resnext_jax.benchmark', run_name='__main__', alter_sys=True)
 
 
 def run_benchmark(*flags: str) -> str:
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  # CPU even where a GPU jaxlib is installed: the test checks the CPU default's choice.
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
   result = subprocess.run(
       [sys.executable, '-c', RUNNER, '--arch=resnext50_32x4d', '--batch_size=2',
        '--image_size=32', '--num_classes=10', '--steps=2', '--warmup=0', *flags],

@@ -160,28 +160,31 @@ def test_eight_devices_train_like_one():
 
 
 def test_eval_metrics_count_only_real_examples():
-  model = ResNeXt(num_classes=5, **TINY)
+  model = ResNeXt(num_classes=10, **TINY)
   variables = jax.device_get(init_variables(model, jax.random.PRNGKey(0), 32))
   state = steps.create_train_state(variables, optax.sgd(0.1))
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-  labels = rng.integers(0, 5, (6,), dtype=np.int32)
-  real = steps.eval_step(state, {'image': images[:4], 'label': labels[:4]}, model=model)
+  images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, (10,), dtype=np.int32)
+  real = steps.eval_step(state, {'image': images[:8], 'label': labels[:8]}, model=model)
   padded = steps.eval_step(
-      state, {'image': np.concatenate([images[:4], 0 * images[4:]]), 'label': labels,
-              'mask': np.array([True] * 4 + [False] * 2)}, model=model)
-  assert float(padded['count']) == 4
-  for name, value in steps.mean_eval_metrics(padded).items():
-    np.testing.assert_allclose(value, steps.mean_eval_metrics(real)[name], rtol=1e-6)
-  # By hand from the logits: the loss of each real example, and its top-1 hit.
-  logits = model.apply(variables, normalize_images(images[:4], jnp.float32), train=False)
-  log_probs = jax.nn.log_softmax(logits)
+      state, {'image': np.concatenate([images[:8], 0 * images[8:]]), 'label': labels,
+              'mask': np.array([True] * 8 + [False] * 2)}, model=model)
+  assert int(padded['count']) == 8
+  assert steps.mean_eval_metrics(padded) == pytest.approx(steps.mean_eval_metrics(real),
+                                                          rel=1e-6)
+  # By hand from the logits: each real example's loss, top-1 and top-5 hits.
+  logits = np.asarray(model.apply(variables, normalize_images(images[:8], jnp.float32),
+                                  train=False))
+  log_probs = np.asarray(jax.nn.log_softmax(logits))
   np.testing.assert_allclose(float(real['loss']),
-                             -float(jnp.sum(log_probs[np.arange(4), labels[:4]])), rtol=1e-5)
-  assert float(real['top1']) == float(np.sum(np.argmax(logits, -1) == labels[:4]))
-  assert float(real['top5']) == 4  # 5 classes: every label is in the top 5
+                             -np.sum(log_probs[np.arange(8), labels[:8]]), rtol=1e-5)
+  assert int(real['top1']) == np.sum(np.argmax(logits, -1) == labels[:8])
+  top5_hits = np.sum(np.any(np.argsort(-logits, -1)[:, :5] == labels[:8, None], -1))
+  assert 0 < top5_hits < 8  # neither all nor none: the comparison matters
+  assert int(real['top5']) == top5_hits
   with pytest.raises(ValueError, match='no examples'):
-    steps.mean_eval_metrics({'loss': 0.0, 'top1': 0.0, 'top5': 0.0, 'count': 0.0})
+    steps.mean_eval_metrics({'loss': 0.0, 'top1': 0, 'top5': 0, 'count': 0})
 
 
 def test_progress_line_gives_time_left_once_compilation_is_behind(monkeypatch):
