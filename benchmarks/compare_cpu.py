@@ -13,11 +13,9 @@ the C allocator configured as train.py configures it (resnext_jax/host_memory.py
 process has one allocator), unless `-- --no-reuse_freed_memory`.
 """
 
-import argparse
 import os
 import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
@@ -30,14 +28,12 @@ if __name__ == '__main__' and '--no-reuse_freed_memory' not in sys.argv:
   host_memory.reuse_freed_memory()
 
 import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conv_layers import model_arguments, time_in_pairs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from resnext_jax import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--arch', default='resnext50_32x4d')
-  parser.add_argument('--batch_size', type=int, default=16)
-  parser.add_argument('--image_size', type=int, default=224)
+  parser = model_arguments(__doc__)
   parser.add_argument('--mode', default='train', choices=('train', 'eval'))
   parser.add_argument('--steps', type=int, default=7, help='timed pairs of steps')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps of each first')
@@ -62,17 +58,8 @@ def main(argv=None) -> float:
   for _ in range(args.warmup):
     run_torch()
     run_ours()
-  times = {'ours': [], 'torch': []}
-  ratios = []
-  for i in range(args.steps):
-    order = (('ours', run_ours), ('torch', run_torch))
-    for name, run in (order if i % 2 == 0 else order[::-1]):
-      start = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - start)
-    ratios.append(times['torch'][-1] / times['ours'][-1])
-    print(f'pair {i + 1}: ours {times["ours"][-1]:.3f} s, torch {times["torch"][-1]:.3f} s, '
-          f'ratio {ratios[-1]:.2f} (load average {os.getloadavg()[0]:.1f})', flush=True)
+  times, ratios = time_in_pairs({'ours': run_ours, 'torch': run_torch}, args.steps,
+                                ratio_of=('torch', 'ours'))
   for name, t in times.items():
     print(f'{name}: step_s median={statistics.median(t):.4f} min={min(t):.4f} '
           f'max={max(t):.4f}, images_per_sec={args.batch_size / statistics.median(t):.2f}')

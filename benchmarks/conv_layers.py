@@ -9,6 +9,9 @@ gradients (only the weight gradient for the stem, whose input is the image), and
 `--torch`, PyTorch's convolution of the same shape in channels_last. The candidates of a
 layer are timed in turns (round-robin) and the median is reported, so that a noisy
 machine slows them alike. The last table weights each layer by how often it occurs.
+
+The other benchmark scripts share its helpers: `model_arguments`, `abstract_model`,
+`time_round_robin` and `time_in_pairs`.
 """
 
 import argparse
@@ -37,11 +40,18 @@ from resnext_jax import models  # pylint: disable=g-import-not-at-top,wrong-impo
 Layer = collections.namedtuple('Layer', 'x_shape k_shape strides padding groups')
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def model_arguments(doc: str) -> argparse.ArgumentParser:
+  """A parser described by `doc`'s first line, with the model's flags: --arch,
+  --batch_size, --image_size."""
+  parser = argparse.ArgumentParser(description=doc.split('\n')[0])
   parser.add_argument('--arch', default='resnext50_32x4d', choices=sorted(models.ARCHS))
   parser.add_argument('--batch_size', type=int, default=16)
   parser.add_argument('--image_size', type=int, default=224)
+  return parser
+
+
+def parse_args(argv):
+  parser = model_arguments(__doc__)
   parser.add_argument('--impls', default='xla,taps',
                       help='comma-separated conv_impl names to time')
   parser.add_argument('--rounds', type=int, default=3, help='timed turns per candidate')
@@ -141,6 +151,29 @@ def time_round_robin(candidates, rounds):
       fn()
       times[name].append(time.perf_counter() - start)
   return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_in_pairs(runs, pairs, ratio_of):
+  """Times two zero-argument callables (`{name: run}`, already warm) in `pairs` pairs,
+  the first going first in even pairs and second in odd ones, and prints each pair.
+
+  Returns `(times, ratios)`: each name's seconds per run, and per pair the time of
+  `ratio_of[0]` over that of `ratio_of[1]` (their speed ratio). A pair's two runs see
+  nearly the same load, so the median ratio is far steadier on a busy machine than two
+  separately timed medians.
+  """
+  times = {name: [] for name in runs}
+  ratios = []
+  for i in range(pairs):
+    order = list(runs.items())
+    for name, run in (order if i % 2 == 0 else order[::-1]):
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+    ratios.append(times[ratio_of[0]][-1] / times[ratio_of[1]][-1])
+    print(f'pair {i + 1}: ' + ', '.join(f'{name} {t[-1]:.3f} s' for name, t in times.items())
+          + f', ratio {ratios[-1]:.2f} (load average {os.getloadavg()[0]:.1f})', flush=True)
+  return times, ratios
 
 
 def main(argv=None):

@@ -10,12 +10,9 @@ before), in turns, and reports medians; the last line weights each layer by how 
 it occurs.
 """
 
-import argparse
 import collections
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from resnext_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -27,18 +24,14 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from conv_layers import abstract_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conv_layers import abstract_model, model_arguments, time_round_robin  # pylint: disable=g-import-not-at-top,wrong-import-position
 from resnext_jax import grouped_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnext_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 Layer = collections.namedtuple('Layer', 'x_shape k_shape strides padding residual relu')
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--arch', default='resnext50_32x4d', choices=sorted(models.ARCHS))
-  parser.add_argument('--batch_size', type=int, default=16)
-  parser.add_argument('--image_size', type=int, default=224)
+  parser = model_arguments(__doc__)
   parser.add_argument('--rounds', type=int, default=5, help='timed turns per candidate')
   return parser.parse_args(argv)
 
@@ -94,16 +87,11 @@ def layer_inputs(layer):
 def time_layer(layer, rounds):
   """Median seconds of (fused, unfused), timed in turns."""
   args = layer_inputs(layer)
-  fns = candidates(layer)
-  for fn in fns:
-    jax.block_until_ready(fn(*args))
-  times = ([], [])
-  for _ in range(rounds):
-    for fn, spent in zip(fns, times):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      spent.append(time.perf_counter() - start)
-  return tuple(statistics.median(t) for t in times)
+  fused, unfused = candidates(layer)
+  result = time_round_robin({'fused': lambda: jax.block_until_ready(fused(*args)),
+                             'unfused': lambda: jax.block_until_ready(unfused(*args))},
+                            rounds)
+  return result['fused'], result['unfused']
 
 
 def main(argv):

@@ -11,12 +11,10 @@ compiled with XLA's reductions and with the kernel, in N alternating pairs, and 
 the median ratio of their speeds.
 """
 
-import argparse
 import collections
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from resnext_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -28,17 +26,14 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from conv_layers import abstract_model, time_round_robin  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnext_jax import benchmark, cpu_kernels, models, norm_sums  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conv_layers import abstract_model, model_arguments, time_in_pairs, time_round_robin  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax import benchmark, cpu_kernels, norm_sums  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PIXELS = (0, 1, 2)
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--arch', default='resnext50_32x4d', choices=sorted(models.ARCHS))
-  parser.add_argument('--batch_size', type=int, default=16)
-  parser.add_argument('--image_size', type=int, default=224)
+  parser = model_arguments(__doc__)
   parser.add_argument('--rounds', type=int, default=9, help='timed turns per candidate')
   parser.add_argument('--step_pairs', type=int, default=0,
                       help='then time the whole train step with and without the kernel, '
@@ -113,16 +108,7 @@ def compare_train_steps(args):
   steps['kernel'] = benchmark.build_step(step_args)[0]
   for run in steps.values():
     run()
-  times = {name: [] for name in steps}
-  ratios = []
-  for i in range(args.step_pairs):
-    for name in (('xla', 'kernel') if i % 2 == 0 else ('kernel', 'xla')):
-      start = time.perf_counter()
-      steps[name]()
-      times[name].append(time.perf_counter() - start)
-    ratios.append(times['xla'][-1] / times['kernel'][-1])
-    print(f'pair {i + 1}: xla {times["xla"][-1]:.3f} s, kernel {times["kernel"][-1]:.3f} s',
-          flush=True)
+  times, ratios = time_in_pairs(steps, args.step_pairs, ratio_of=('xla', 'kernel'))
   print(f'train step: xla median {statistics.median(times["xla"]):.3f} s, kernel median '
         f'{statistics.median(times["kernel"]):.3f} s; speedup median '
         f'{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}) '
