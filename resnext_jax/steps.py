@@ -73,9 +73,6 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   return new_state, metrics
 
 
-EVAL_SUMS = ('loss', 'top1', 'top5')
-
-
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict[str, jax.Array]:
   """Sum of the loss, top-1 and top-5 hits over a (padded) batch's mask=True examples.
 
@@ -91,9 +88,9 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict[str, 
   loss = cross_entropy(logits, labels, model.num_classes)
   hits = {'top1': jnp.argmax(logits, -1) == labels,
           'top5': jnp.any(top5 == labels[:, None], axis=-1)}
-  # Counts as int32, exact for any eval set; a padding example's loss never enters.
-  sums = {name: jnp.sum(mask & hit, dtype=jnp.int32) for name, hit in hits.items()}
-  sums['loss'] = jnp.sum(jnp.where(mask, loss, jnp.float32(0)))
+  # A padding example's loss never enters; counts are int32, exact for any eval set.
+  sums = {'loss': jnp.sum(jnp.where(mask, loss, jnp.float32(0)))}
+  sums.update({name: jnp.sum(mask & hit, dtype=jnp.int32) for name, hit in hits.items()})
   sums['count'] = jnp.sum(mask, dtype=jnp.int32)
   return sums
 
@@ -103,6 +100,7 @@ def mean_eval_metrics(sums: dict) -> dict[str, float]:
   count = float(sums['count'])
   if not count:
     raise ValueError('The evaluation saw no examples (every batch was padding).')
-  results = {f'eval_{name}': float(sums[name]) / count for name in EVAL_SUMS}
+  results = {f'eval_{name}': float(total) / count
+             for name, total in sums.items() if name != 'count'}
   results['eval_count'] = count
   return results
