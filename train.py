@@ -18,7 +18,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from resnext_jax import checkpoints, trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax.training import checkpoints, trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',

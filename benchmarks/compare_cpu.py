@@ -13,22 +13,14 @@ the C allocator configured as train.py configures it (resnext_jax/host_memory.py
 process has one allocator), unless `-- --no-reuse_freed_memory`.
 """
 
-import os
 import statistics
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]
-
-from resnext_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# One process, one C allocator: both frameworks run with train.py's setting, made before
-# PyTorch, NumPy and JAX start threads (resnext_jax/host_memory.py says why).
-if __name__ == '__main__' and '--no-reuse_freed_memory' not in sys.argv:
-  host_memory.reuse_freed_memory()
+# One process, one C allocator: both frameworks run with train.py's setting, made by
+# `common` before PyTorch, NumPy and JAX start threads.
+from common import model_arguments, time_in_pairs
 
 import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
-from conv_layers import model_arguments, time_in_pairs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from resnext_jax import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

@@ -9,45 +9,24 @@ gradients (only the weight gradient for the stem, whose input is the image), and
 `--torch`, PyTorch's convolution of the same shape in channels_last. The candidates of a
 layer are timed in turns (round-robin) and the median is reported, so that a noisy
 machine slows them alike. The last table weights each layer by how often it occurs.
-
-The other benchmark scripts share its helpers: `model_arguments`, `abstract_model`,
-`time_round_robin` and `time_in_pairs`.
+(The allocator is set as train.py sets it: otherwise every large output is a fresh
+mapping whose page faults are timed with the layer.)
 """
 
-import argparse
 import collections
 import os
-import statistics
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from resnext_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# As train.py does, before NumPy, JAX and PyTorch start threads: without it every large
-# output is a fresh mapping whose page faults are timed with the layer (host_memory.py).
-if __name__ == '__main__':
-  host_memory.reuse_freed_memory()
+from common import abstract_model, model_arguments, time_round_robin  # sets the allocator first
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.extend  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from resnext_jax import grouped_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnext_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax.ops.conv import conv2d  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 Layer = collections.namedtuple('Layer', 'x_shape k_shape strides padding groups')
-
-
-def model_arguments(doc: str) -> argparse.ArgumentParser:
-  """A parser described by `doc`'s first line, with the model's flags: --arch,
-  --batch_size, --image_size."""
-  parser = argparse.ArgumentParser(description=doc.split('\n')[0])
-  parser.add_argument('--arch', default='resnext50_32x4d', choices=sorted(models.ARCHS))
-  parser.add_argument('--batch_size', type=int, default=16)
-  parser.add_argument('--image_size', type=int, default=224)
-  return parser
 
 
 def parse_args(argv):
@@ -60,14 +39,6 @@ def parse_args(argv):
                       help='comma-separated impl:kind pairs not to time, e.g. '
                            'xla:train (XLA needs minutes for some grouped weight grads)')
   return parser.parse_args(argv)
-
-
-def abstract_model(arch, conv_impl, batch_size, image_size):
-  """`(model, images, variables)`, the last two as shapes only: for tracing, not running."""
-  model = models.create_model(arch, conv_impl=conv_impl)
-  images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), images)
-  return model, images, variables
 
 
 def model_conv_layers(arch, batch_size, image_size):
@@ -103,8 +74,8 @@ def jax_candidates(layer, impl):
   needs_dx = layer.x_shape[-1] != 3  # the stem's input is the image
 
   def conv(x, k):
-    return grouped_conv.conv2d(x, k, strides=layer.strides, padding=layer.padding,
-                               groups=layer.groups, impl=impl)
+    return conv2d(x, k, strides=layer.strides, padding=layer.padding,
+                  groups=layer.groups, impl=impl)
 
   def train(x, k, dy):
     # The output is returned too, or XLA would drop the forward pass.
@@ -138,42 +109,6 @@ def torch_candidates(layer):
     conv(x).backward(dy)
 
   return forward, train
-
-
-def time_round_robin(candidates, rounds):
-  """Median seconds of each zero-argument callable, timed in turns after one warm-up."""
-  for fn in candidates.values():
-    fn()
-  times = {name: [] for name in candidates}
-  for _ in range(rounds):
-    for name, fn in candidates.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
-def time_in_pairs(runs, pairs, ratio_of):
-  """Times two zero-argument callables (`{name: run}`, already warm) in `pairs` pairs,
-  the first going first in even pairs and second in odd ones, and prints each pair.
-
-  Returns `(times, ratios)`: each name's seconds per run, and per pair the time of
-  `ratio_of[0]` over that of `ratio_of[1]` (their speed ratio). A pair's two runs see
-  nearly the same load, so the median ratio is far steadier on a busy machine than two
-  separately timed medians.
-  """
-  times = {name: [] for name in runs}
-  ratios = []
-  for i in range(pairs):
-    order = list(runs.items())
-    for name, run in (order if i % 2 == 0 else order[::-1]):
-      start = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - start)
-    ratios.append(times[ratio_of[0]][-1] / times[ratio_of[1]][-1])
-    print(f'pair {i + 1}: ' + ', '.join(f'{name} {t[-1]:.3f} s' for name, t in times.items())
-          + f', ratio {ratios[-1]:.2f} (load average {os.getloadavg()[0]:.1f})', flush=True)
-  return times, ratios
 
 
 def main(argv=None):

@@ -3,7 +3,7 @@
     python benchmarks/eval_convs.py --arch=resnext50_32x4d --batch_size=16
 
 The layers are the calls that the eval-mode model (`conv_impl='native'`) makes to
-`grouped_conv.conv2d_normalized` (its 1x1 convs and its stem), recorded while tracing it.
+`ops.fused_eval.conv2d_normalized` (its 1x1 convs and its stem), recorded while tracing it.
 For each distinct one it times the fused kernel and the same computation without it
 ('native''s convolution, then the norm, add and ReLU as XLA ops, as the model ran them
 before), in turns, and reports medians; the last line weights each layer by how often
@@ -11,21 +11,15 @@ it occurs.
 """
 
 import collections
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from resnext_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-if __name__ == '__main__':
-  host_memory.reuse_freed_memory()  # as train.py does (see conv_layers.py)
+from common import abstract_model, model_arguments, time_round_robin  # sets the allocator first
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from conv_layers import abstract_model, model_arguments, time_round_robin  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnext_jax import grouped_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax.ops import conv, fused_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 Layer = collections.namedtuple('Layer', 'x_shape k_shape strides padding residual relu')
 
@@ -40,7 +34,7 @@ def fused_layers(arch, batch_size, image_size):
   """The model's calls to `conv2d_normalized` in eval mode, with their counts."""
   model, images, variables = abstract_model(arch, 'native', batch_size, image_size)
   calls = collections.Counter()
-  original = grouped_conv.conv2d_normalized
+  original = fused_eval.conv2d_normalized
 
   def record(x, kernel, scale, offset, *, strides, padding=((0, 0), (0, 0)),
              residual=None, relu=False):
@@ -49,23 +43,23 @@ def fused_layers(arch, batch_size, image_size):
     return original(x, kernel, scale, offset, strides=strides, padding=padding,
                     residual=residual, relu=relu)
 
-  grouped_conv.conv2d_normalized = record
+  fused_eval.conv2d_normalized = record
   try:
     jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
   finally:
-    grouped_conv.conv2d_normalized = original
+    fused_eval.conv2d_normalized = original
   return calls
 
 
 def candidates(layer):
   """(fused, unfused) jitted functions of the layer's arrays."""
   def fused(x, kernel, scale, offset, residual):
-    return grouped_conv.conv2d_normalized(x, kernel, scale, offset, strides=layer.strides,
-                                          padding=layer.padding, residual=residual,
-                                          relu=layer.relu)
+    return fused_eval.conv2d_normalized(x, kernel, scale, offset, strides=layer.strides,
+                                        padding=layer.padding, residual=residual,
+                                        relu=layer.relu)
 
   def unfused(x, kernel, scale, offset, residual):
-    y = grouped_conv.conv2d(x, kernel, strides=layer.strides, padding=layer.padding,
+    y = conv.conv2d(x, kernel, strides=layer.strides, padding=layer.padding,
                             impl='native') * scale + offset
     y = y if residual is None else y + residual
     return jnp.maximum(y, 0) if layer.relu else y

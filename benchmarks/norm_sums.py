@@ -4,7 +4,7 @@
 
 The tensors are the inputs of the train-mode model's batch norms, recorded while tracing
 it. For each distinct shape it times, in turns, the forward pair (sums of x and x * x)
-and the backward pair (of g and g * x), each as one `cpu_kernels.channel_sums` call and
+and the backward pair (of g and g * x), each as one `kernels.cpu.calls.channel_sums` call and
 as XLA's two reductions, and weights each shape by how often it occurs. With
 `--step_pairs=N` it then times the whole train step (`python -m resnext_jax.benchmark`'s)
 compiled with XLA's reductions and with the kernel, in N alternating pairs, and prints
@@ -12,22 +12,18 @@ the median ratio of their speeds.
 """
 
 import collections
-import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from resnext_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-if __name__ == '__main__':
-  host_memory.reuse_freed_memory()  # as train.py does (see conv_layers.py)
+from common import abstract_model, model_arguments, time_in_pairs, time_round_robin  # sets the allocator first
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from conv_layers import abstract_model, model_arguments, time_in_pairs, time_round_robin  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnext_jax import benchmark, cpu_kernels, norm_sums  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax.kernels.cpu import build as cpu_build, calls as cpu_calls  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax.ops import norm_stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PIXELS = (0, 1, 2)
 
@@ -45,32 +41,34 @@ def norm_input_shapes(arch, batch_size, image_size):
   """Shapes of the train-mode model's batch-norm inputs, with their counts."""
   model, images, variables = abstract_model(arch, 'native', batch_size, image_size)
   shapes = collections.Counter()
-  original = norm_sums.moments
+  original = norm_stats.moments
 
   def record(x, impl):
     shapes[x.shape] += 1
     return original(x, impl)
 
-  norm_sums.moments = record
+  norm_stats.moments = record
   try:
     jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']),
                    variables, images)
   finally:
-    norm_sums.moments = original
+    norm_stats.moments = original
   return shapes
 
 
 CANDIDATES = {
-    'fwd kernel': jax.jit(lambda x, g: cpu_kernels.channel_sums(x)),
+    'fwd kernel': jax.jit(lambda x, g: cpu_calls.channel_sums(x)),
     'fwd xla': jax.jit(lambda x, g: (jnp.sum(x, PIXELS), jnp.sum(x * x, PIXELS))),
-    'bwd kernel': jax.jit(lambda x, g: cpu_kernels.channel_sums(g, x)),
+    'bwd kernel': jax.jit(lambda x, g: cpu_calls.channel_sums(g, x)),
     'bwd xla': jax.jit(lambda x, g: (jnp.sum(g, PIXELS), jnp.sum(g * x, PIXELS))),
 }
 
 
 def main(argv):
   args = parse_args(argv)
-  cpu_kernels._require()  # pylint: disable=protected-access
+  reason = cpu_build.unavailable_reason()  # builds the kernels
+  if reason:
+    sys.exit(f'The C++ kernels {reason}.')
   print(f'{args.arch}, batch {args.batch_size} at {args.image_size}, float32, '
         f'{jax.device_count()} x {jax.devices()[0].device_kind}; ms, median of {args.rounds}')
   print('| norm input | count | ' + ' | '.join(CANDIDATES) + ' |')
@@ -99,12 +97,12 @@ def compare_train_steps(args):
   step_args = benchmark.parse_args([f'--arch={args.arch}', f'--batch_size={args.batch_size}',
                                     f'--image_size={args.image_size}', '--mode=train',
                                     '--conv_impl=native'])
-  with_kernel = norm_sums.uses_kernel
-  norm_sums.uses_kernel = lambda x, impl: False
+  with_kernel = norm_stats.uses_kernel
+  norm_stats.uses_kernel = lambda x, impl: False
   try:
     steps = {'xla': benchmark.build_step(step_args)[0]}
   finally:
-    norm_sums.uses_kernel = with_kernel
+    norm_stats.uses_kernel = with_kernel
   steps['kernel'] = benchmark.build_step(step_args)[0]
   for run in steps.values():
     run()

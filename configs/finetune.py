@@ -14,7 +14,7 @@ Expected: depends on your data. Cost: 10 epochs of 4.27 GMACs per image forward;
 one modern GPU about 1,000 images/s with bfloat16 (--config.dtype=bfloat16).
 """
 
-from resnext_jax import default_config
+from resnext_jax.training import default_config
 
 
 def get_config():

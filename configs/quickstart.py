@@ -7,12 +7,12 @@ The dataset (five shape classes, 3,000 train / 500 validation 64x64 images) is g
 on first use; no download. The model is ResNeXt's design shrunk to one block per stage
 (4 groups of width 4 in the first stage). It exercises the whole path of a real run:
 input pipeline, sharded train step, evaluation, checkpoints, metrics.jsonl.
-Expected: 99.6-100% validation top-1 (the bar is 90%): 100% with conv_impl 'taps' in 2m02s
-wall time on a 2-core CPU, 2026-11-27; 99.6% with 'native' (the CPU default since
-2026-11-28, whose sums round differently) in a fresh clone, 3m03s including pip install. Cost: 930 steps of batch 32 at 32x32 pixels.
+Expected: 99.6-100% validation top-1 (the bar is 90%; 'taps' and 'native' round their
+sums differently and land at either end). Cost: 930 steps of batch 32 at 32x32 pixels,
+about 2-3 minutes on a 2-core CPU.
 """
 
-from resnext_jax import default_config
+from resnext_jax.training import default_config
 
 
 def get_config():

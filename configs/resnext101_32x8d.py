@@ -10,7 +10,7 @@ Expected: 79.27 top-1 / 94.58 top-5 (mmcls' result).
 Cost: 16.5 GMACs per 224 image forward, 100 epochs of ImageNet-1k.
 """
 
-from resnext_jax import default_config
+from resnext_jax.training import default_config
 
 
 def get_config():

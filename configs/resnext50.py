@@ -14,7 +14,7 @@ Data: ImageNet-1k through tfds' imagenet2012 builder; put ILSVRC2012_img_train.t
 ILSVRC2012_img_val.tar in manual_dir and the first run prepares it (see README).
 """
 
-from resnext_jax import default_config
+from resnext_jax.training import default_config
 
 
 def get_config():

@@ -13,5 +13,5 @@ __version__ = '0.1.0'
 
 def __getattr__(name):
   if name in __all__:
-    return getattr(importlib.import_module('resnext_jax.models'), name)
+    return getattr(importlib.import_module('resnext_jax.model.resnext'), name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

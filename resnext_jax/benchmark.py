@@ -2,9 +2,9 @@
 
     python -m resnext_jax.benchmark --arch=resnext50_32x4d --batch_size=16 --mode=train
 
-The step is `steps.train_step` / `steps.eval_step`, jitted as the trainer jits them (the
-state donated) with SGD + momentum + weight decay as in the recipe, BatchNorm in train
-mode. The batch is split over all local devices. Reported: compile time, the median (and
+The step is the trainer's own: `training.steps.jit_steps` over `training.sharding`'s mesh
+of all devices (state replicated and donated, batch split), with `training.optim.sgd` at
+the recipe's momentum and weight decay, BatchNorm in train mode. Reported: compile time, the median (and
 min / max) of the timed steps, the model's FLOPs per step from XLA's cost analysis of the
 step built with `conv_impl='xla'` (so every implementation is credited with the same
 work; a `fori_loop` would otherwise be counted once), the FLOP/s that makes, and MFU
@@ -16,7 +16,6 @@ checkout, or after `pip install --no-deps -e .`.
 """
 
 import argparse
-import functools
 import statistics
 import sys
 import time
@@ -30,11 +29,10 @@ if __name__ == '__main__' and '--no-reuse_freed_memory' not in sys.argv:
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from resnext_jax import grouped_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnext_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from resnext_jax import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax.model import resnext  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax.ops import impl as impls  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax.training import optim, sharding, steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Dense peak FLOP/s per device (tensor cores; float32 means TF32, which XLA uses for
 # float32 convolutions and matmuls on these GPUs by default). Matched against
@@ -54,7 +52,7 @@ PEAK_FLOPS = (
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--arch', default='resnext50_32x4d', choices=sorted(models.ARCHS))
+  parser.add_argument('--arch', default='resnext50_32x4d', choices=sorted(resnext.ARCHS))
   parser.add_argument('--batch_size', type=int, default=16, help='global batch size')
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--num_classes', type=int, default=1000)
@@ -62,7 +60,7 @@ def parse_args(argv):
   parser.add_argument('--steps', type=int, default=5, help='timed steps')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
   parser.add_argument('--conv_impl', default='auto',
-                      choices=['auto'] + sorted(grouped_conv.IMPLEMENTATIONS))
+                      choices=['auto'] + sorted(impls.IMPLEMENTATIONS))
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--reuse_freed_memory', default=True,
                       action=argparse.BooleanOptionalAction,
@@ -79,20 +77,16 @@ def peak_flops(device, dtype: str):
   return None
 
 
-def _step_functions(model, tx):
-  train = jax.jit(functools.partial(steps.train_step, model=model, tx=tx),
-                  donate_argnums=0)
-  evaluate = jax.jit(functools.partial(steps.eval_step, model=model))
-  return train, evaluate
+def _step_function(args, model, tx, mesh):
+  jitted = steps.jit_steps(model, tx, mesh)
+  return jitted.train if args.mode == 'train' else jitted.eval
 
 
-def model_flops(args, state, batch, tx) -> float:
+def model_flops(args, state, batch, tx, mesh) -> float:
   """FLOPs of one step as XLA counts them for the reference implementation."""
-  model = models.create_model(args.arch, num_classes=args.num_classes,
-                              dtype=jnp.dtype(args.dtype), conv_impl='xla')
-  train, evaluate = _step_functions(model, tx)
-  fn = train if args.mode == 'train' else evaluate
-  cost = fn.lower(state, batch).cost_analysis()
+  model = resnext.create_model(args.arch, num_classes=args.num_classes,
+                               dtype=jnp.dtype(args.dtype), conv_impl='xla')
+  cost = _step_function(args, model, tx, mesh).lower(state, batch).cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost.get('flops', 0.0)) if cost else 0.0
@@ -105,35 +99,31 @@ def build_step(args):
   (carrying the donated state from call to call), `flops` is the model's FLOPs per step
   (0 if XLA does not say).
   """
+  mesh = sharding.create_mesh()
+  sharding.check_batch_size(args.batch_size, mesh, '--batch_size')
   devices = jax.devices()
-  if args.batch_size % len(devices):
-    raise ValueError(f'--batch_size={args.batch_size} is not divisible by the '
-                     f'{len(devices)} devices.')
-  impl = grouped_conv.resolve_impl(args.conv_impl)
+  impl = impls.resolve_impl(args.conv_impl)
   print(f'devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), '
         f'jax {jax.__version__}')
   print(f'arch={args.arch} mode={args.mode} batch_size={args.batch_size} '
         f'image_size={args.image_size} dtype={args.dtype} conv_impl={args.conv_impl} '
         f'(-> {impl})')
+  print(f'conv_impl: {impls.describe_choice(args.conv_impl)}')
 
-  model = models.create_model(args.arch, num_classes=args.num_classes,
-                              dtype=jnp.dtype(args.dtype), conv_impl=impl)
-  variables = models.init_variables(model, jax.random.key(0), args.image_size)
-  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
-  mesh = jax.sharding.Mesh(np.array(devices), ('data',))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  data_sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  state = jax.device_put(steps.create_train_state(variables, tx), replicated)
+  model = resnext.create_model(args.arch, num_classes=args.num_classes,
+                               dtype=jnp.dtype(args.dtype), conv_impl=impl)
+  variables = resnext.init_variables(model, jax.random.key(0), args.image_size)
+  tx = optim.sgd(0.1, momentum=0.9, weight_decay=1e-4)  # the recipe's, at batch 256
+  state = jax.device_put(steps.create_train_state(variables, tx), sharding.replicated(mesh))
   rng = np.random.default_rng(0)
   batch = jax.device_put({
       'image': rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3),
                             dtype=np.uint8),
       'label': rng.integers(0, args.num_classes, (args.batch_size,), dtype=np.int32),
-  }, data_sharded)
+  }, sharding.batch_sharding(mesh))
 
-  flops = model_flops(args, state, batch, tx)
-  train, evaluate = _step_functions(model, tx)
-  fn = train if args.mode == 'train' else evaluate
+  flops = model_flops(args, state, batch, tx, mesh)
+  fn = _step_function(args, model, tx, mesh)
   start = time.perf_counter()
   compiled = fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start

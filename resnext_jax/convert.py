@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnext_jax import checkpoints
-from resnext_jax.models import ARCHS, ResNeXt, create_model
+from resnext_jax.model.resnext import ARCHS, ResNeXt, create_model
+from resnext_jax.training import checkpoints
 
 _MAX_LISTED = 10  # keys listed per kind of problem in an error message
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
-from resnext_jax import input_pipeline
+from resnext_jax.data import pipeline
 
 _WIDTH, _HEIGHT = 500, 375
 
@@ -90,16 +90,16 @@ def main() -> None:
     print(f'{len(paths)} JPEGs of {_WIDTH}x{_HEIGHT}, {mean_kb:.0f} KB on average; '
           f'batch {args.batch_size}, image size {args.image_size}, {os.cpu_count()} CPUs')
     config = ml_collections.ConfigDict(dict(
-        dataset=input_pipeline.IMAGE_FOLDER, data_dir=root, train_split='train',
+        dataset=pipeline.IMAGE_FOLDER, data_dir=root, train_split='train',
         eval_split='validation', batch_size=args.batch_size, eval_batch_size=args.batch_size,
         image_size=args.image_size, seed=0, cache_dir=os.path.join(root, 'cache')))
-    input_pipeline.get_dataset_info(config)  # Preparation (a scan) is not timed.
+    pipeline.get_dataset_info(config)  # Preparation (a scan) is not timed.
 
     bare, ours = [], []
     for _ in range(args.rounds):
       bare.append(measure(iter(bare_loop(paths, args.batch_size, args.image_size)),
                           args.batch_size, args.batches))
-      ours.append(measure(input_pipeline.create_train_iterator(config),
+      ours.append(measure(pipeline.create_train_iterator(config),
                           args.batch_size, args.batches))
   bare_rate, bare_cpu = np.max(bare, axis=0)
   ours_rate, ours_cpu = np.max(ours, axis=0)

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torchvision
 
-from resnext_jax import checkpoints, convert, models
+from resnext_jax import convert
+from resnext_jax.model import resnext
+from resnext_jax.training import checkpoints
 
 TINY = dict(stage_sizes=(1, 1, 1, 1), cardinality=4, width_per_group=4, num_classes=10)
 
@@ -51,7 +53,7 @@ def converted_and_torchvision_logits(torch_model: torch.nn.Module, arch: str,
   torch_model = randomized(torch_model)
   variables = convert.convert_state_dict(torch_model.state_dict(), arch)
   images = random_images(2, image_size)
-  model = models.create_model(arch, conv_impl=conv_impl)
+  model = resnext.create_model(arch, conv_impl=conv_impl)
   return np.asarray(model.apply(variables, images)), torch_logits(torch_model, images)
 
 
@@ -70,7 +72,7 @@ def test_resnext50_logits_match_torchvision():
 
 def test_tiny_logits_match_torchvision():
   torch_model = tiny_torchvision()
-  model = models.ResNeXt(**TINY)
+  model = resnext.ResNeXt(**TINY)
   variables = convert.convert_state_dict(torch_model.state_dict(), model)
   images = random_images(3, 64)
   ours = np.asarray(model.apply(variables, images))
@@ -79,7 +81,7 @@ def test_tiny_logits_match_torchvision():
 
 def test_mmcls_layout_converts_to_the_same_variables():
   state_dict = tiny_torchvision().state_dict()
-  model = models.ResNeXt(**TINY)
+  model = resnext.ResNeXt(**TINY)
   expected = convert.convert_state_dict(state_dict, model)
   got = convert.convert_state_dict(mmcls_checkpoint(state_dict), model)
   jax.tree.map(np.testing.assert_array_equal, got, expected)
@@ -90,7 +92,7 @@ def test_mmcls_layout_converts_to_the_same_variables():
 
 def test_train_mode_batch_statistics_match_pytorch():
   torch_model = tiny_torchvision()
-  model = models.ResNeXt(**TINY)
+  model = resnext.ResNeXt(**TINY)
   variables = convert.convert_state_dict(torch_model.state_dict(), model)
   images = random_images(4, 64, seed=1)
   _, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
@@ -108,7 +110,7 @@ def test_missing_and_unexpected_keys_are_named():
   del state_dict['layer2.0.conv2.weight']
   state_dict['layer5.0.conv1.weight'] = torch.zeros(1)
   with pytest.raises(convert.ConversionError) as error:
-    convert.convert_state_dict(state_dict, models.ResNeXt(**TINY))
+    convert.convert_state_dict(state_dict, resnext.ResNeXt(**TINY))
   message = str(error.value)
   assert 'missing keys (1)' in message and 'layer2.0.conv2.weight' in message
   assert 'unexpected keys (1)' in message and 'layer5.0.conv1.weight' in message
@@ -120,7 +122,7 @@ def test_shape_mismatch_names_key_and_both_shapes():
   with pytest.raises(convert.ConversionError,
                      match=r'fc\.weight: checkpoint \(10, 3\), the given model expects '
                            r'\(10, 2048\)'):
-    convert.convert_state_dict(state_dict, models.ResNeXt(**TINY))
+    convert.convert_state_dict(state_dict, resnext.ResNeXt(**TINY))
 
 
 def test_wrong_arch_says_which_arch_the_weights_look_like():
@@ -187,9 +189,9 @@ def test_cli_reads_safetensors(tmp_path, capsys):
   path = tmp_path / 'tiny.safetensors'
   save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()}, str(path))
   state_dict = convert.read_torch_file(str(path))
-  variables = convert.convert_state_dict(state_dict, models.ResNeXt(**TINY))
+  variables = convert.convert_state_dict(state_dict, resnext.ResNeXt(**TINY))
   images = random_images(1, 64)
-  ours = np.asarray(models.ResNeXt(**TINY).apply(variables, images))
+  ours = np.asarray(resnext.ResNeXt(**TINY).apply(variables, images))
   assert np.max(np.abs(ours - torch_logits(torch_model, images))) <= 1e-4
 
 
@@ -250,6 +252,6 @@ def test_load_variables_explains_a_wrong_path(tmp_path):
 
 
 def test_importing_the_package_does_not_import_torch():
-  code = ('import sys, resnext_jax, resnext_jax.convert, resnext_jax.checkpoints; '
+  code = ('import sys, resnext_jax, resnext_jax.convert, resnext_jax.training.checkpoints; '
           'assert "torch" not in sys.modules, "torch was imported"')
   subprocess.run([sys.executable, '-c', code], check=True)

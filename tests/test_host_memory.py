@@ -14,11 +14,12 @@ from resnext_jax import host_memory
 jax_imported_early = 'jax' in sys.modules or 'numpy' in sys.modules
 configured = host_memory.reuse_freed_memory() if sys.argv[1] == 'reuse' else None
 import functools, jax, jax.numpy as jnp, optax
-from resnext_jax import models, steps
-model = models.create_model('resnext50_32x4d', num_classes=10, stage_sizes=(1, 1),
+from resnext_jax.model import resnext
+from resnext_jax.training import steps
+model = resnext.create_model('resnext50_32x4d', num_classes=10, stage_sizes=(1, 1),
                             base_planes=16, cardinality=4)
 tx = optax.sgd(0.1, momentum=0.9)
-state = steps.create_train_state(models.init_variables(model, jax.random.key(0), 96), tx)
+state = steps.create_train_state(resnext.init_variables(model, jax.random.key(0), 96), tx)
 batch = {'image': jnp.zeros((32, 96, 96, 3), jnp.uint8), 'label': jnp.zeros((32,), jnp.int32)}
 step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx), donate_argnums=0)
 for _ in range(3):

@@ -1,0 +1,1 @@
+"""Hand-written kernels for what XLA runs slowly; one folder per platform."""

@@ -1,0 +1,1 @@
+"""The Flax ResNeXt (`resnext.py`) and its layers (`layers.py`)."""

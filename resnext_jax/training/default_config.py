@@ -1,0 +1,58 @@
+"""Every config field with its default: the seed's recipe (mmcls
+resnext50-32x4d_8xb32_in1k).
+
+Config files in configs/ start from `get_config()` here and change what differs, so a
+field has one default in one place. Derived numbers (steps per epoch, scaled learning
+rate, schedule boundaries) are computed in `optim.derive_schedule` and logged.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Model.
+  config.arch = 'resnext50_32x4d'  # a name from resnext_jax.model.resnext.ARCHS
+  config.model = ml_collections.ConfigDict()  # overrides of ResNeXt fields (tiny models)
+  config.num_classes = -1  # -1: the dataset's number of classes
+  config.dtype = 'float32'  # compute dtype: float32 or bfloat16
+  config.conv_impl = 'auto'  # 'auto', 'xla', 'taps' or 'native': resnext_jax/ops/impl.py
+  config.zero_init_residual = True
+
+  # Data (resnext_jax/data/).
+  config.dataset = 'imagenet2012'
+  config.data_dir = ''  # tfds data dir ('' = tfds default), or an image-folder root
+  config.manual_dir = ''  # where ILSVRC2012_img_{train,val}.tar are, for preparation
+  config.train_split = 'train'
+  config.eval_split = 'validation'
+  config.image_size = 224
+  config.batch_size = 256  # global, over all devices and hosts
+  config.eval_batch_size = 256
+  config.train_crop_min_area = 0.08  # RandomResizedCrop's lower area bound
+  config.cache_dir = ''  # where image-folder scans are cached ('' = ~/.cache/resnext_jax)
+
+  # Optimisation: SGD with momentum, lr scaled linearly with batch_size / 256.
+  config.learning_rate = 0.1  # per 256 images
+  config.lr_schedule = 'step'  # 'step' (x lr_decay_factor at lr_boundaries) or 'cosine'
+  config.lr_boundaries = (30, 60, 90)  # epochs
+  config.lr_decay_factor = 0.1
+  config.warmup_epochs = 0.0
+  config.momentum = 0.9
+  config.nesterov = False
+  config.weight_decay = 1e-4
+  config.weight_decay_on_bn_and_bias = True  # mmcls decays every parameter
+  config.label_smoothing = 0.0
+  config.num_epochs = 100
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+
+  # Bookkeeping.
+  config.seed = 0
+  config.mesh_shape = (-1,)  # data-parallel over all devices
+  config.log_every_steps = 100
+  config.eval_every_steps = -1  # -1: once per epoch (and always at the end)
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.init_from = ''  # weights to start from: any path load_variables accepts
+  config.eval_only = False  # evaluate init_from (or the workdir's checkpoint) and stop
+  return config

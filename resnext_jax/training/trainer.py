@@ -1,0 +1,274 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)` is the main job.
+
+Top to bottom: the run context (everything derived from the config once: mesh, model,
+schedule, optimizer, jitted steps, checkpoints, reporter); evaluation over the whole
+split; and the loop with logging, checkpoints, resume, SIGTERM handling and a stop on NaN.
+"""
+
+import dataclasses
+import os
+import signal
+import threading
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from resnext_jax.data import pipeline
+from resnext_jax.model.resnext import ResNeXt, init_variables
+from resnext_jax.ops.impl import describe_choice
+from resnext_jax.training import checkpoints, optim, sharding, steps
+from resnext_jax.training.reporting import MetricsReporter, ProgressLine, quiet_library_logs
+from resnext_jax.training.variables import build_model, initial_variables
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class RunContext:
+  """What one run works with, built once from the config before any step."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  model: ResNeXt
+  schedule: optim.Schedule
+  tx: optax.GradientTransformation
+  jitted: steps.JittedSteps
+  ckpts: checkpoints.TrainingCheckpoints
+  reporter: MetricsReporter
+
+  @property
+  def batch_sharding(self) -> jax.sharding.Sharding:
+    return sharding.batch_sharding(self.mesh)
+
+  @property
+  def state_sharding(self) -> jax.sharding.Sharding:
+    return sharding.replicated(self.mesh)
+
+
+def _create_context(config: ml_collections.ConfigDict, workdir: str) -> RunContext:
+  """Checks the config against the devices and data, builds everything, logs the choices."""
+  mesh = sharding.create_mesh(config.mesh_shape)
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
+  info = pipeline.get_dataset_info(config)
+  num_classes = config.num_classes if config.num_classes > 0 else info.num_classes
+  model = build_model(config, num_classes)
+  schedule = optim.derive_schedule(config, info.num_train_examples)
+  learning_rate_fn = optim.create_learning_rate_fn(config, schedule)
+  tx = optim.create_optimizer(config, learning_rate_fn)
+  overrides = f' with {config.model.to_dict()}' if config.model else ''
+  logging.info('Model %s%s (%s classes, %s compute, conv_impl=%s) on %d devices; %s',
+               config.arch, overrides, num_classes, config.dtype,
+               describe_choice(config.conv_impl), mesh.devices.size, schedule)
+  jitted = steps.jit_steps(model, tx, mesh, learning_rate_fn=learning_rate_fn,
+                           label_smoothing=config.label_smoothing)
+  return RunContext(
+      config=config, workdir=workdir, mesh=mesh, model=model, schedule=schedule, tx=tx,
+      jitted=jitted,
+      ckpts=checkpoints.TrainingCheckpoints(workdir, max_to_keep=config.keep_checkpoints),
+      reporter=MetricsReporter(workdir))
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from workdir if it has checkpoints) and returns the final metrics."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  quiet_library_logs()
+  run = _create_context(config, workdir)
+  _write_config(config, workdir)
+  try:
+    if config.eval_only:
+      return _evaluate_only(run)
+    return _train(run)
+  finally:
+    run.ckpts.wait()
+    run.ckpts.close()
+    run.reporter.close()
+
+
+# ----------------------------------------------------------------------------------------
+# State and evaluation.
+
+
+def _restore_or_create(run: RunContext) -> tuple[steps.TrainState, dict | None]:
+  """The latest checkpoint of the workdir, else a fresh state; plus the input position."""
+  config = run.config
+  step = run.ckpts.latest_step()
+  if step is None:
+    variables = initial_variables(config, run.model)
+  else:  # only the structure matters: the checkpoint overwrites every value
+    variables = jax.device_get(
+        init_variables(run.model, jax.random.PRNGKey(config.seed), config.image_size))
+  state = sharding.put_replicated(steps.create_train_state(variables, run.tx),
+                                  run.state_sharding)
+  logging.info('%s parameters.', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
+  if step is None:
+    return state, None
+  state, data_position = run.ckpts.restore(step, state)
+  logging.info('Resumed from %s/%d.', run.ckpts.directory, step)
+  return state, data_position
+
+
+def evaluate(run: RunContext, state: steps.TrainState) -> dict[str, float]:
+  """Loss, top-1 and top-5 over every example of config.eval_split, each counted once."""
+  totals = None
+  for local_batch in pipeline.create_eval_iterator(run.config):
+    sums = run.jitted.eval(state, pipeline.make_global_batch(local_batch, run.batch_sharding))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError(f'The eval split {run.config.eval_split!r} gave no batches; check '
+                     'config.eval_split.')
+  return steps.mean_eval_metrics(jax.device_get(totals))
+
+
+def _evaluate_and_report(run: RunContext, state: steps.TrainState, step: int) -> dict:
+  metrics = evaluate(run, state)
+  run.reporter.write(step, metrics)
+  logging.info('Evaluation at step %d: %s', step, _format_metrics(metrics))
+  return metrics
+
+
+def _evaluate_only(run: RunContext) -> dict[str, float]:
+  config = run.config
+  if not config.init_from and run.ckpts.latest_step() is None:
+    raise ValueError('config.eval_only needs weights: set config.init_from to a '
+                     'checkpoint or converted weights, or a --workdir with checkpoints.')
+  if config.init_from:
+    variables = initial_variables(config, run.model)
+    state = sharding.put_replicated(steps.create_train_state(variables, run.tx),
+                                    run.state_sharding)
+  else:
+    state, _ = _restore_or_create(run)
+  return _evaluate_and_report(run, state, int(jax.device_get(state.step)))
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+  return ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+                   for k, v in metrics.items())
+
+
+# ----------------------------------------------------------------------------------------
+# The loop.
+
+
+class StopSignal:
+  """Turns SIGTERM (preemption, a scheduler) into a flag the loop checks every step."""
+
+  def __init__(self):
+    self._requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc_info):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._requested = True
+
+  def requested(self) -> bool:
+    """True on every process as soon as any process got the signal."""
+    if jax.process_count() == 1:
+      return self._requested
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self._requested))))
+
+
+class _StepMetrics:
+  """Train metrics still on the device, checked for divergence before each log and save."""
+
+  def __init__(self, run: RunContext, last_saved: int | None):
+    self._run = run
+    self.last_saved = last_saved
+    self._pending = []  # device metrics not yet fetched
+    self.logged = []  # host metrics since the last log line
+
+  def add(self, metrics: dict) -> None:
+    self._pending.append(metrics)
+
+  def check(self, step: int) -> None:
+    """Fetches the pending metrics; raises TrainingDivergedError on a non-finite one."""
+    fetched = jax.device_get(self._pending)
+    self._pending.clear()
+    for i, metrics in enumerate(fetched):
+      if not (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])):
+        bad_step = step - len(fetched) + i + 1
+        kept = (f'the last good checkpoint is step {self.last_saved} in '
+                f'{self._run.ckpts.directory}' if self.last_saved is not None
+                else 'no checkpoint was written')
+        raise TrainingDivergedError(
+            f'The loss became {metrics["loss"]} at step {bad_step}; stopping ({kept}). '
+            'Lower config.learning_rate, add warmup (config.warmup_epochs), or check '
+            'the data.')
+    self.logged.extend(fetched)
+
+
+def _train(run: RunContext) -> dict[str, float]:
+  config, schedule, ckpts = run.config, run.schedule, run.ckpts
+  state, data_position = _restore_or_create(run)
+  start_step = int(jax.device_get(state.step))
+  train_iter = pipeline.create_train_iterator(config, start_step=start_step)
+  if data_position is not None:
+    train_iter.set_state(data_position)
+  progress = ProgressLine(schedule.total_steps, config.batch_size, start_step)
+  metrics = _StepMetrics(run, start_step if ckpts.latest_step() is not None else None)
+  final_metrics: dict[str, float] = {}
+
+  def save(step):
+    metrics.check(step)  # never checkpoint a diverged state
+    ckpts.save(step, state, train_iter.get_state())
+    metrics.last_saved = step
+
+  with StopSignal() as stop:
+    for step in range(start_step + 1, schedule.total_steps + 1):
+      batch = pipeline.make_global_batch(next(train_iter), run.batch_sharding)
+      state, step_metrics = run.jitted.train(state, batch)
+      metrics.add(step_metrics)
+      if stop.requested():
+        save(step)
+        ckpts.wait()
+        logging.warning('SIGTERM received: saved a checkpoint at step %d in %s and '
+                        'stopped. Rerun the same command to continue.', step,
+                        ckpts.directory)
+        return {'stopped_at_step': step}
+      is_last = step == schedule.total_steps
+      if step % config.log_every_steps == 0 or is_last:
+        metrics.check(step)
+        _log_training(run, progress, step, metrics.logged)
+        metrics.logged.clear()
+      if step % config.checkpoint_every_steps == 0 or is_last:
+        save(step)
+      if step % schedule.eval_every_steps == 0 or is_last:
+        final_metrics = _evaluate_and_report(run, state, step)
+
+  ckpts.wait()
+  logging.info('Done. Checkpoints: %s; TensorBoard logs and metrics.jsonl: %s',
+               ckpts.directory, run.workdir)
+  return final_metrics
+
+
+def _log_training(run: RunContext, progress: ProgressLine, step: int,
+                  logged: list[dict]) -> None:
+  """Writes the mean train metrics since the last log and prints the progress line."""
+  loss = float(np.mean([m['loss'] for m in logged]))
+  learning_rate = float(logged[-1]['learning_rate'])
+  run.reporter.write(step, {'train_loss': loss, 'learning_rate': learning_rate,
+                            'train_top1': float(np.mean([m['top1'] for m in logged]))})
+  logging.info(progress(step, loss, learning_rate))

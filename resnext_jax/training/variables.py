@@ -1,0 +1,60 @@
+"""The model a config describes, and its first variables: fresh from config.seed, or
+loaded from config.init_from with a new head where the class count differs."""
+
+import flax
+import jax
+import jax.numpy as jnp
+from absl import logging
+import numpy as np
+
+from resnext_jax.model.resnext import ResNeXt, create_model, init_variables
+from resnext_jax.ops.impl import resolve_impl
+from resnext_jax.training import checkpoints
+
+HEAD_PREFIX = 'params/fc/'
+
+
+def build_model(config, num_classes: int) -> ResNeXt:
+  """The configured ResNeXt, with `config.conv_impl` resolved for this backend."""
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.items()}
+  return create_model(config.arch, num_classes=num_classes, dtype=jnp.dtype(config.dtype),
+                      conv_impl=resolve_impl(config.conv_impl),
+                      zero_init_residual=config.zero_init_residual, **overrides)
+
+
+def merge_pretrained(initial: dict, loaded: dict, source: str) -> tuple[dict, list[str]]:
+  """Takes every variable from `loaded`, except a head it lacks or has in another shape.
+
+  Returns the merged variables and a description of each variable that was not
+  loaded. Any other difference (a missing, extra or reshaped backbone variable) means
+  a different architecture and raises, naming the first mismatches.
+  """
+  flat_initial = flax.traverse_util.flatten_dict(initial, sep='/')
+  flat_loaded = flax.traverse_util.flatten_dict(loaded, sep='/')
+  differences = checkpoints.shape_mismatches(loaded, initial)
+  head = {key for key in differences if key.startswith(HEAD_PREFIX) and key in flat_initial}
+  mismatches = [line for key, line in differences.items() if key not in head]
+  if mismatches:
+    listed = '\n  '.join(mismatches[:8])
+    raise ValueError(
+        f'config.init_from={source} does not fit the configured model (config.arch / '
+        f'config.model); {len(mismatches)} variables differ, first:\n  {listed}')
+  merged = {key: value if key in head else np.asarray(flat_loaded[key], value.dtype)
+            for key, value in flat_initial.items()}
+  not_loaded = [line for key, line in differences.items() if key in head]
+  return flax.traverse_util.unflatten_dict(merged, sep='/'), not_loaded
+
+
+def initial_variables(config, model: ResNeXt) -> dict:
+  """Fresh variables from config.seed, overlaid with config.init_from when set."""
+  variables = jax.device_get(
+      init_variables(model, jax.random.PRNGKey(config.seed), config.image_size))
+  if not config.init_from:
+    return variables
+  loaded = checkpoints.load_variables(config.init_from)
+  variables, not_loaded = merge_pretrained(variables, loaded, config.init_from)
+  logging.info('Loaded weights from %s.', config.init_from)
+  if not_loaded:
+    logging.warning('Not loaded (re-initialised) from %s:\n  %s', config.init_from,
+                    '\n  '.join(not_loaded))
+  return variables

@@ -1,0 +1,88 @@
+"""What several test modules share: small real-format data the tests make themselves
+(JPEGs, ImageNet's manual-download tars), and a tiny training run of the quickstart
+config, in-process or as a train.py command line."""
+
+import io
+import json
+import os
+import sys
+import tarfile
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from configs import quickstart
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = dict(stage_sizes=(1, 1), base_planes=8, cardinality=4, width_per_group=2)
+
+
+def encode_jpeg(pixels: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, 'JPEG', quality=95)
+  return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def imagenet_synsets() -> list[str]:
+  """The 1000 synsets in tfds' label order."""
+  return (tfds.core.tfds_path('datasets/imagenet2012') / 'labels.txt').read_text().split()
+
+
+def write_imagenet_tars(manual_dir: str, train: dict[str, list[bytes]],
+                        validation: list[bytes]) -> None:
+  """ILSVRC2012_img_train.tar (a tar of per-synset tars) and ILSVRC2012_img_val.tar.
+
+  Validation files are named ILSVRC2012_val_00000001.JPEG, ...: tfds' builder labels them
+  from its own validation_labels.txt by that order.
+  """
+  os.makedirs(manual_dir, exist_ok=True)
+  with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_train.tar'), 'w') as train_tar:
+    for synset, images in train.items():
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode='w') as synset_tar:
+        for i, data in enumerate(images):
+          _add(synset_tar, f'{synset}_{i}.JPEG', data)
+      _add(train_tar, f'{synset}.tar', inner.getvalue())
+  with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_val.tar'), 'w') as val_tar:
+    for i, data in enumerate(validation):
+      _add(val_tar, f'ILSVRC2012_val_{i + 1:08d}.JPEG', data)
+
+
+def tiny_config(shapes_dir, **overrides):
+  """The quickstart config, shrunk to seconds: a tiny model on 16 px images."""
+  config = quickstart.get_config()
+  config.model = TINY_MODEL
+  config.update(data_dir=shapes_dir, image_size=16, batch_size=16, eval_batch_size=64,
+                num_train_steps=6, log_every_steps=2, eval_every_steps=3,
+                checkpoint_every_steps=3, learning_rate=0.1, lr_schedule='step',
+                warmup_epochs=0)
+  config.update(overrides)
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def leaves(variables):
+  return jax.tree.leaves(jax.device_get(variables))
+
+
+def train_command(workdir, shapes_dir, steps):
+  return [sys.executable, 'train.py', '--config=configs/quickstart.py', f'--workdir={workdir}',
+          f'--config.data_dir={shapes_dir}', '--config.image_size=16',
+          '--config.batch_size=16', '--config.eval_batch_size=64',
+          f'--config.num_train_steps={steps}', '--config.log_every_steps=1',
+          '--config.checkpoint_every_steps=1000', '--config.eval_every_steps=1000',
+          '--config.lr_schedule=step', '--config.warmup_epochs=0',
+          '--config.model.stage_sizes=(1,1)', '--config.model.base_planes=8',
+          '--config.model.cardinality=4', '--config.model.width_per_group=2']

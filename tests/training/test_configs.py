@@ -1,0 +1,49 @@
+"""Every config file: documented, loadable, and made only of fields the trainer knows."""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from resnext_jax.model.resnext import ARCHS
+from resnext_jax.training import default_config
+from tests.helpers import ROOT
+
+CONFIG_DIR = os.path.join(ROOT, 'configs')
+CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, '*.py')))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_the_documented_configs_exist():
+  names = {os.path.basename(p) for p in CONFIG_FILES}
+  assert {'quickstart.py', 'finetune.py', 'resnext50.py', 'resnext101_32x4d.py',
+          'resnext101_32x8d.py', 'resnext152_32x4d.py'} <= names
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_config_is_documented_and_uses_known_fields(path):
+  module = load(path)
+  doc = module.__doc__ or ''
+  assert 'Command:' in doc and f'--config=configs/{os.path.basename(path)}' in doc
+  assert 'Expected' in doc and 'Cost' in doc
+  config = module.get_config()
+  assert set(config.keys()) == set(default_config.get_config().keys())
+  assert config.arch in ARCHS
+
+
+@pytest.mark.parametrize('name', ['resnext50', 'resnext101_32x4d', 'resnext101_32x8d',
+                                  'resnext152_32x4d'])
+def test_imagenet_configs_follow_the_mmcls_recipe(name):
+  config = load(os.path.join(CONFIG_DIR, f'{name}.py')).get_config()
+  assert (config.dataset, config.batch_size, config.image_size) == ('imagenet2012', 256, 224)
+  assert (config.learning_rate, config.momentum, config.weight_decay) == (0.1, 0.9, 1e-4)
+  assert (config.num_epochs, tuple(config.lr_boundaries)) == (100, (30, 60, 90))
+  assert config.lr_schedule == 'step' and config.warmup_epochs == 0
+  assert config.label_smoothing == 0 and config.weight_decay_on_bn_and_bias

@@ -1,0 +1,187 @@
+"""The main job end to end: train.py, configs, checkpoints, resume, SIGTERM, NaN, finetuning."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from configs import resnext50
+from resnext_jax import convert
+from resnext_jax.model.resnext import ResNeXt
+from resnext_jax.training import checkpoints, trainer
+from tests import helpers
+from tests.helpers import ROOT, TINY_MODEL, leaves, read_metrics, tiny_config, train_command
+
+
+
+@pytest.fixture(scope='module')
+def shapes_dir(tmp_path_factory):
+  """One copy of the built-in dataset for the whole module (generated on first use)."""
+  return str(tmp_path_factory.mktemp('shapes'))
+
+
+def test_end_to_end_on_the_builtin_dataset(shapes_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  final = trainer.train_and_evaluate(tiny_config(shapes_dir), workdir)
+  records = read_metrics(workdir)
+  train = [r for r in records if 'train_loss' in r]
+  evals = [r for r in records if 'eval_top1' in r]
+  assert [r['step'] for r in train] == [2, 4, 6]
+  assert all(np.isfinite(r['train_loss']) and r['learning_rate'] == pytest.approx(0.1 * 16 / 256)
+             for r in train)
+  assert [r['step'] for r in evals] == [3, 6]
+  assert all(r['eval_count'] == 500 for r in evals)  # every validation image, once
+  assert final == {k: v for k, v in evals[-1].items() if k != 'step'}
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+  assert json.load(open(os.path.join(workdir, 'config.json')))['dataset'] == 'shapes'
+  variables = checkpoints.load_variables(workdir)
+  assert variables['params']['fc']['kernel'].shape == (64, 5)
+  # Rerunning the finished run resumes at its end and does no more steps.
+  trainer.train_and_evaluate(tiny_config(shapes_dir), workdir)
+  assert [r['step'] for r in read_metrics(workdir)] == [r['step'] for r in records]
+
+
+def test_resumed_run_equals_uninterrupted_run_bitwise(shapes_dir, tmp_path):
+  whole = str(tmp_path / 'whole')
+  trainer.train_and_evaluate(tiny_config(shapes_dir), whole)
+  split = str(tmp_path / 'split')
+  trainer.train_and_evaluate(tiny_config(shapes_dir, num_train_steps=3), split)
+  trainer.train_and_evaluate(tiny_config(shapes_dir), split)  # resumes at step 3
+  for a, b in zip(leaves(checkpoints.load_variables(whole)),
+                  leaves(checkpoints.load_variables(split))):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_rerun_finishes_exactly_like_an_uninterrupted_run(
+    shapes_dir, tmp_path):
+  steps = 40
+  workdir = str(tmp_path / 'preempted')
+  command = train_command(workdir, shapes_dir, steps)
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(metrics_path) and len(open(metrics_path).readlines()) >= 3:
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, output
+  assert 'SIGTERM received: saved a checkpoint at step' in output
+  stopped_at = checkpoints.TrainingCheckpoints(workdir).latest_step()
+  assert 3 <= stopped_at < steps
+
+  rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr
+  assert f'Resumed from {workdir}/checkpoints/{stopped_at}' in rerun.stderr
+  reference = str(tmp_path / 'reference')
+  subprocess.run(train_command(reference, shapes_dir, steps), cwd=ROOT, check=True,
+                 capture_output=True, timeout=300)
+  for a, b in zip(leaves(checkpoints.load_variables(workdir)),
+                  leaves(checkpoints.load_variables(reference))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shapes_dir, tmp_path):
+  workdir = str(tmp_path / 'diverged')
+  config = tiny_config(shapes_dir, learning_rate=1e36, checkpoint_every_steps=1,
+                       log_every_steps=100, num_train_steps=20)
+  with pytest.raises(trainer.TrainingDivergedError,
+                     match=r'loss became (nan|inf) at step \d+; stopping \(the last good '
+                           r'checkpoint is step \d+'):
+    trainer.train_and_evaluate(config, workdir)
+  kept = checkpoints.load_variables(workdir)
+  assert all(np.all(np.isfinite(x)) for x in leaves(kept))
+
+
+def test_batch_size_that_does_not_divide_over_devices_is_refused(shapes_dir, tmp_path):
+  with pytest.raises(ValueError, match=r'batch_size=12 does not divide over the 8 devices'):
+    trainer.train_and_evaluate(tiny_config(shapes_dir, batch_size=12), str(tmp_path))
+
+
+def test_resuming_with_another_model_says_what_to_do(shapes_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  trainer.train_and_evaluate(tiny_config(shapes_dir, num_train_steps=1,
+                                         checkpoint_every_steps=1), workdir)
+  other = tiny_config(shapes_dir)
+  other.model = dict(TINY_MODEL, width_per_group=4)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'does not fit this config.*new --workdir.* \d+ arrays differ'
+                           r'(.|\n)*\n  params/layer1_0/conv2/kernel: checkpoint '
+                           r'\(3, 3, 2, 8\), this config \(3, 3, 4, 16\)'):
+    trainer.train_and_evaluate(other, workdir)
+
+
+TORCHVISION_TINY = dict(stage_sizes=(1, 1, 1, 1), cardinality=4, width_per_group=4,
+                        base_planes=64)
+
+
+@pytest.fixture(scope='module')
+def converted_torchvision(tmp_path_factory):
+  """A torchvision ResNeXt (10 classes) converted into a variables directory."""
+  torch.manual_seed(0)
+  model = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck,
+                                           [1, 1, 1, 1], groups=4, width_per_group=4,
+                                           num_classes=10)
+  variables = convert.convert_state_dict(model.state_dict(),
+                                         ResNeXt(num_classes=10, **TORCHVISION_TINY))
+  directory = str(tmp_path_factory.mktemp('converted') / 'weights')
+  checkpoints.save_variables(variables, directory, model_info={'arch': 'tiny'})
+  return directory, variables
+
+
+def test_finetune_from_converted_torchvision_weights_with_a_new_head(
+    shapes_dir, tmp_path, converted_torchvision, caplog):
+  directory, source = converted_torchvision
+  config = tiny_config(shapes_dir, init_from=directory, learning_rate=0.0,
+                       weight_decay=0.0, num_train_steps=2, image_size=32)
+  config.model = TORCHVISION_TINY
+  workdir = str(tmp_path / 'finetune')
+  trainer.train_and_evaluate(config, workdir)
+  assert 'Not loaded (re-initialised)' in caplog.text
+  assert 'params/fc/kernel: checkpoint (2048, 10), this config (2048, 5)' in caplog.text
+  assert 'params/fc/bias: checkpoint (10,), this config (5,)' in caplog.text
+  tuned = checkpoints.load_variables(workdir)
+  assert tuned['params']['fc']['kernel'].shape == (2048, 5)
+  # With a zero learning rate the backbone is exactly the converted one.
+  np.testing.assert_array_equal(tuned['params']['layer3_0']['conv2']['kernel'],
+                                source['params']['layer3_0']['conv2']['kernel'])
+
+
+def test_eval_only_evaluates_converted_weights(shapes_dir, tmp_path, converted_torchvision):
+  directory, _ = converted_torchvision
+  config = tiny_config(shapes_dir, init_from=directory, eval_only=True, image_size=32,
+                       num_classes=10)
+  config.model = TORCHVISION_TINY
+  workdir = str(tmp_path / 'eval')
+  metrics = trainer.train_and_evaluate(config, workdir)
+  assert metrics['eval_count'] == 500
+  assert read_metrics(workdir) == [{'step': 0, **metrics}]
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '0'))
+
+
+@pytest.mark.slow
+def test_resnext50_config_runs_on_imagenet_prepared_by_tfds(tmp_path):
+  synsets = helpers.imagenet_synsets()
+  rng = np.random.default_rng(0)
+  jpeg = lambda: helpers.encode_jpeg(rng.integers(0, 255, (40, 50, 3), np.uint8))
+  manual = str(tmp_path / 'manual')
+  helpers.write_imagenet_tars(manual, {s: [jpeg() for _ in range(4)] for s in synsets[:4]},
+                                [jpeg() for _ in range(10)])
+  config = resnext50.get_config()
+  config.update(data_dir=str(tmp_path / 'tfds'), manual_dir=manual, image_size=32,
+                batch_size=8, eval_batch_size=8, num_train_steps=2, log_every_steps=1)
+  workdir = str(tmp_path / 'run')
+  metrics = trainer.train_and_evaluate(config, workdir)
+  assert metrics['eval_count'] == 10
+  records = read_metrics(workdir)
+  assert [r['step'] for r in records if 'train_loss' in r] == [1, 2]
+  assert checkpoints.load_variables(workdir)['params']['fc']['kernel'].shape == (2048, 1000)
