@@ -1,19 +1,17 @@
 """Lets XLA's CPU buffers reuse freed memory instead of faulting in fresh pages every step.
 
-XLA:CPU allocates each execution's scratch buffer (1.9 GB for a ResNeXt-50 train step at
-batch 16) with `posix_memalign` from a worker thread. glibc serves a request that large
-from a fresh `mmap` and unmaps it on `free`, so every step touches gigabytes of new
-pages: ~500,000 page faults and 1.7 s of kernel time per step on a 2-core CPU, a fifth of
-the step. Keeping glibc's allocations in its main heap (one arena, no `mmap`, trimmed
+XLA:CPU allocates each execution's scratch buffer (about 2 GB for a ResNeXt-50 train step
+at batch 16) with `posix_memalign` from a worker thread. glibc serves a request that large
+from a fresh `mmap` and unmaps it on `free`, so every step faults in gigabytes of new
+pages, a large share of a CPU step's time (docs/performance.md). Keeping glibc's allocations in its main heap (one arena, no `mmap`, trimmed
 only past 2 GiB) lets each step reuse the pages of the one before.
 
 It must run before any library starts threads that allocate (NumPy's BLAS, PyTorch, JAX):
 glibc fixes its arena limit when the first extra arena is made, so call it before
 importing them (this module imports neither). It only changes how this process's heap
 grows and shrinks: freed memory stays with the process (up to 2 GiB at the top of the
-heap) instead of going back to the system. It takes hold in most processes but not all:
-7 of 8 runs of tests/test_host_memory.py's step had no page faults, the eighth faulted as
-by default (the cause is not known yet).
+heap) instead of going back to the system. It takes hold in most processes but not all
+(tests/test_host_memory.py; the cause is not known yet).
 """
 
 import ctypes

@@ -69,8 +69,8 @@ def _weights_by_group(kernel, groups, transpose=False):
 
   With `transpose`, `[kh, kw, groups, out, in]` (for the input gradient). The optimization
   barrier keeps XLA from moving the transposition into the conditional of `_stored` and
-  fusing it into the multiply-adds, whose weight loads then become scattered: measured
-  2.5x slower for a 28x28x256 input gradient.
+  fusing it into the multiply-adds, whose weight loads then become scattered (several
+  times slower).
   """
   kh, kw, width_in, out_channels = kernel.shape
   k = kernel.reshape(kh, kw, width_in, groups, out_channels // groups).transpose(
@@ -215,9 +215,8 @@ def _row_contraction_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
   Each iteration contracts one output row's gradient with the matching input rows over
   batch and columns (an einsum per kernel column, which XLA runs as a batched matmul
   over groups). At 16 channels per group the matmuls are big enough to beat the
-  outer products of `_outer_product_kernel_grad` (35 ms against 61 ms for 14x14x512 at
-  batch 16); at 8 and fewer they are not (34 ms against 17 ms for 28x28x256). Summing the
-  batch inside the loop keeps the accumulator small.
+  outer products of `_outer_product_kernel_grad`; at 8 and fewer they are not
+  (docs/performance.md). Summing the batch inside the loop keeps the accumulator small.
   """
   kh, kw, width_in, out_channels = kernel_shape
   rows_at = _kernel_grad_rows(x, dy, kernel_shape, strides, padding, groups)

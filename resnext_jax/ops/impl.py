@@ -81,7 +81,7 @@ def describe_choice(requested: str) -> str:
   if chosen == 'native':
     why = f'{backend}, C++ kernels for {cpu_build.INSTRUCTION_SET}'
   elif requested == 'auto' and backend == 'cpu':
-    why = f"{backend}, the C++ kernels {cpu_build.unavailable_reason()}"
+    why = f"{backend}, 'native' unavailable: its C++ kernel {cpu_build.unavailable_reason()}"
   elif requested == 'auto':
     why = f"{backend}, {_WHY_AUTO.get(backend, 'the reference')}"
   else:

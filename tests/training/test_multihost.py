@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 
@@ -44,6 +45,7 @@ def test_two_processes_train_like_one(tmp_path):
   for worker, output in zip(workers, outputs):
     assert worker.returncode == 0, output
   assert 'on 4 devices' in outputs[0]
+  assert re.search(r'conv_impl=auto -> (native|taps) \(cpu, ', outputs[0])  # the choice, why
 
   single = str(tmp_path / 'single')
   subprocess.run(train_command(single, shapes_dir, steps), cwd=ROOT, env=_env(4),

@@ -9,8 +9,8 @@
 // and the gradient is a register-tiled sum of outer products of those floats with the
 // pixel's output gradient. The eval forward pass reads the same buffer: a tile of 6
 // output pixels x 16 output channels sums kh segments of kw * C consecutive inputs
-// (conv_tile.h), then applies the norm and ReLU. (The train forward pass stays
-// XLA's: its convolution is about as fast, and the norm needs the batch statistics.)
+// (conv_tile.h), then applies the norm and ReLU. (In training the forward pass runs
+// with an identity norm: the batch norm needs the statistics of the whole output.)
 //
 // Layouts: x is NHWC [N, H, W, C]; dy and the forward output y are NHWC [N, Ho, Wo, CO];
 // the weights and their gradient are HWIO [kh, kw, C, CO]; the norm's scale and offset
