@@ -108,7 +108,6 @@ def build_step(args):
   print(f'arch={args.arch} mode={args.mode} batch_size={args.batch_size} '
         f'image_size={args.image_size} dtype={args.dtype} conv_impl={args.conv_impl} '
         f'(-> {impl})')
-  print(f'conv_impl: {impls.describe_choice(args.conv_impl)}')
 
   model = resnext.create_model(args.arch, num_classes=args.num_classes,
                                dtype=jnp.dtype(args.dtype), conv_impl=impl)

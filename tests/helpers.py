@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import quickstart
+from resnext_jax.training import default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = dict(stage_sizes=(1, 1), base_planes=8, cardinality=4, width_per_group=2)
@@ -86,3 +87,10 @@ def train_command(workdir, shapes_dir, steps):
           '--config.lr_schedule=step', '--config.warmup_epochs=0',
           '--config.model.stage_sizes=(1,1)', '--config.model.base_planes=8',
           '--config.model.cardinality=4', '--config.model.width_per_group=2']
+
+
+def config_with(**overrides):
+  """The default config (the seed recipe) with some fields changed."""
+  config = default_config.get_config()
+  config.update(overrides)
+  return config

@@ -255,3 +255,12 @@ def test_importing_the_package_does_not_import_torch():
   code = ('import sys, resnext_jax, resnext_jax.convert, resnext_jax.training.checkpoints; '
           'assert "torch" not in sys.modules, "torch was imported"')
   subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def test_the_package_top_exports_the_public_api():
+  import resnext_jax  # pylint: disable=g-import-not-at-top
+  assert resnext_jax.load_variables is checkpoints.load_variables
+  assert resnext_jax.create_model is resnext.create_model
+  assert resnext_jax.normalize_images is resnext.normalize_images
+  with pytest.raises(AttributeError, match='no attribute'):
+    resnext_jax.no_such_name  # pylint: disable=pointless-statement

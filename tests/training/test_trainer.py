@@ -19,7 +19,6 @@ from tests import helpers
 from tests.helpers import ROOT, TINY_MODEL, leaves, read_metrics, tiny_config, train_command
 
 
-
 @pytest.fixture(scope='module')
 def shapes_dir(tmp_path_factory):
   """One copy of the built-in dataset for the whole module (generated on first use)."""
