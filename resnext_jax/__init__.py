@@ -15,6 +15,8 @@ _EXPORTS = {
     'init_variables': 'resnext_jax.model.resnext',
     'normalize_images': 'resnext_jax.model.resnext',
     'load_variables': 'resnext_jax.training.checkpoints',
+    'load_pretrained': 'resnext_jax.pretrained',
+    'Predictor': 'resnext_jax.predict',
 }
 __all__ = list(_EXPORTS)
 __version__ = '0.1.0'

@@ -4,8 +4,8 @@
 
 The step is the trainer's own: `training.steps.jit_steps` over `training.sharding`'s mesh
 of all devices (state replicated and donated, batch split), with `training.optim.sgd` at
-the recipe's momentum and weight decay, BatchNorm in train mode. Reported: compile time, the median (and
-min / max) of the timed steps, the model's FLOPs per step from XLA's cost analysis of the
+the recipe's momentum and weight decay, BatchNorm in train mode. Reported: compile time,
+the median (and min / max) of the timed steps, the model's FLOPs per step from XLA's cost analysis of the
 step built with `conv_impl='xla'` (so every implementation is credited with the same
 work; a `fori_loop` would otherwise be counted once), the FLOP/s that makes, and MFU
 where the device's peak is in `PEAK_FLOPS`. The last line is `images_per_sec=<float>`.

@@ -22,6 +22,7 @@ import numpy as np
 
 from resnext_jax.model.resnext import ARCHS, ResNeXt, create_model
 from resnext_jax.training import checkpoints
+from resnext_jax.weights import registry
 
 _MAX_LISTED = 10  # keys listed per kind of problem in an error message
 
@@ -233,15 +234,23 @@ def read_torch_file(path: str) -> Mapping[str, Any]:
   return loaded
 
 
+def model_info(arch: str, variables: dict, source: str, **extra) -> dict[str, Any]:
+  """The `model.json` of converted weights: arch, class count, source, and the ImageNet
+  class names for a 1000-class head (every published ResNeXt's label order)."""
+  num_classes = int(variables['params']['fc']['bias'].shape[0])
+  info = {'arch': arch, 'num_classes': num_classes, 'source': str(source), **extra}
+  if num_classes == 1000:
+    info['class_names'] = list(registry.imagenet_class_names())
+  return info
+
+
 def convert_file(input_path: str, output_dir: str, arch: str,
                  num_classes: int | None = None, overwrite: bool = False) -> dict:
   """Converts a checkpoint file into a variables directory; returns the variables."""
   checkpoints.check_output_dir(output_dir, overwrite)  # before the slow part
   variables = convert_state_dict(read_torch_file(input_path), arch, num_classes)
-  checkpoints.save_variables(
-      variables, output_dir, overwrite=overwrite,
-      model_info={'arch': arch, 'num_classes': int(variables['params']['fc']['bias'].shape[0]),
-                  'source': str(input_path)})
+  checkpoints.save_variables(variables, output_dir, overwrite=overwrite,
+                             model_info=model_info(arch, variables, input_path))
   return variables
 
 

@@ -3,8 +3,9 @@
 XLA:CPU allocates each execution's scratch buffer (about 2 GB for a ResNeXt-50 train step
 at batch 16) with `posix_memalign` from a worker thread. glibc serves a request that large
 from a fresh `mmap` and unmaps it on `free`, so every step faults in gigabytes of new
-pages, a large share of a CPU step's time (docs/performance.md). Keeping glibc's allocations in its main heap (one arena, no `mmap`, trimmed
-only past 2 GiB) lets each step reuse the pages of the one before.
+pages, a large share of a CPU step's time (docs/performance.md). Keeping glibc's
+allocations in its main heap (one arena, no `mmap`, trimmed only past 2 GiB) lets each
+step reuse the pages of the one before.
 
 It must run before any library starts threads that allocate (NumPy's BLAS, PyTorch, JAX):
 glibc fixes its arena limit when the first extra arena is made, so call it before

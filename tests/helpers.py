@@ -1,6 +1,7 @@
 """What several test modules share: small real-format data the tests make themselves
-(JPEGs, ImageNet's manual-download tars), and a tiny training run of the quickstart
-config, in-process or as a train.py command line."""
+(JPEGs, ImageNet's manual-download tars), PyTorch reference models with random weights,
+and a tiny training run of the quickstart config, in-process or as a train.py command
+line."""
 
 import io
 import json
@@ -11,6 +12,7 @@ import tarfile
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+import torch
 from PIL import Image
 
 from configs import quickstart
@@ -94,3 +96,25 @@ def config_with(**overrides):
   config = default_config.get_config()
   config.update(overrides)
   return config
+
+
+def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+  """Random weights everywhere, including BN affine parameters and running statistics."""
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in module.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
+        m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.1)
+        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.1)
+        m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+  return module.eval()
+
+
+def torch_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+
+
+def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)

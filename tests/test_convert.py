@@ -13,21 +13,9 @@ import torchvision
 from resnext_jax import convert
 from resnext_jax.model import resnext
 from resnext_jax.training import checkpoints
+from tests.helpers import random_images, randomized, torch_logits
 
 TINY = dict(stage_sizes=(1, 1, 1, 1), cardinality=4, width_per_group=4, num_classes=10)
-
-
-def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-  """Random weights everywhere, including BN affine parameters and running statistics."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in module.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
-        m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.1)
-        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.1)
-        m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
-  return module.eval()
 
 
 def tiny_torchvision(seed: int = 0) -> torch.nn.Module:
@@ -36,15 +24,6 @@ def tiny_torchvision(seed: int = 0) -> torch.nn.Module:
       torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4,
       num_classes=10)
   return randomized(model, seed)
-
-
-def torch_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-  with torch.no_grad():
-    return model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-
-
-def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
-  return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
 
 
 def converted_and_torchvision_logits(torch_model: torch.nn.Module, arch: str,

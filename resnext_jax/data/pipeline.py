@@ -60,14 +60,17 @@ def create_train_iterator(config, *, start_step: int = 0) -> 'TrainIterator':
                          process_count=jax.process_count())
 
 
-def create_eval_iterator(config) -> Iterator[dict[str, np.ndarray]]:
+def create_eval_iterator(config, *, resize_size: int | None = None,
+                         interpolation: str | None = None) -> Iterator[dict[str, np.ndarray]]:
   """One pass over `config.eval_split`, padded so every process yields as many batches.
 
   Across all processes every example is yielded exactly once with `mask` True; padding
-  examples are zero images with `mask` False.
+  examples are zero images with `mask` False. `resize_size` and `interpolation` replace
+  config.eval_resize_size and config.eval_interpolation when given.
   """
   return _eval_iterator(config, process_index=jax.process_index(),
-                        process_count=jax.process_count())
+                        process_count=jax.process_count(), resize_size=resize_size,
+                        interpolation=interpolation)
 
 
 def make_global_batch(local_batch: dict[str, np.ndarray],
@@ -152,9 +155,15 @@ def _train_iterator(config, *, start_step: int, process_index: int,
                        examples_seen=start_step * global_batch)
 
 
-def _eval_iterator(config, *, process_index: int,
-                   process_count: int) -> Iterator[dict[str, np.ndarray]]:
+def _eval_iterator(config, *, process_index: int, process_count: int,
+                   resize_size: int | None = None,
+                   interpolation: str | None = None) -> Iterator[dict[str, np.ndarray]]:
   split = get_source(config).splits[config.eval_split]
+  configured = config.get('eval_resize_size', -1)
+  resize_size = resize_size or (configured if configured > 0 else None)
+  interpolation = interpolation or config.get('eval_interpolation', '') or 'bilinear'
+  if interpolation not in ('bilinear', 'bicubic'):
+    raise ValueError(f'config.eval_interpolation={interpolation!r}; use bilinear or bicubic.')
   global_batch = config.eval_batch_size
   local_batch = _local_batch_size(global_batch, process_count, 'config.eval_batch_size')
   image_size = config.image_size
@@ -171,7 +180,9 @@ def _eval_iterator(config, *, process_index: int,
     return encoded, tf.where(mask, label, 0), mask
 
   def preprocess(encoded, label, mask):
-    image = tf.cond(mask, lambda: preprocess_eval(encoded, image_size=image_size),
+    image = tf.cond(mask, lambda: preprocess_eval(encoded, image_size=image_size,
+                                                  resize_size=resize_size,
+                                                  interpolation=interpolation),
                     lambda: tf.zeros([image_size, image_size, 3], tf.uint8))
     return {'image': image, 'label': label, 'mask': mask}
 

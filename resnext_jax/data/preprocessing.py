@@ -45,14 +45,22 @@ def preprocess_train(encoded: tf.Tensor, seed: tf.Tensor, *, image_size: int,
   return tf.cond(uniforms[-1] < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
 
 
-def preprocess_eval(encoded: tf.Tensor, *, image_size: int) -> tf.Tensor:
-  """Resize the shorter side to image_size / 0.875, then take the central square."""
-  image = decode_image(encoded)
+def preprocess_eval(encoded: tf.Tensor, *, image_size: int, resize_size: int | None = None,
+                    interpolation: str = 'bilinear') -> tf.Tensor:
+  """Resize the shorter side to `resize_size` (default image_size / 0.875), then take the
+  central `image_size` square. `interpolation`: 'bilinear' or 'bicubic'."""
+  return center_crop(decode_image(encoded), image_size=image_size, resize_size=resize_size,
+                     interpolation=interpolation)
+
+
+def center_crop(image: tf.Tensor, *, image_size: int, resize_size: int | None = None,
+                interpolation: str = 'bilinear') -> tf.Tensor:
+  """`preprocess_eval` of a decoded uint8 [h, w, 3] image."""
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  short_side = round(image_size / EVAL_CROP_FRACTION)
+  short_side = resize_size or round(image_size / EVAL_CROP_FRACTION)
   new_shape = tf.cast(tf.round(shape * (short_side / tf.reduce_min(shape))), tf.int32)
   new_shape = tf.maximum(new_shape, short_side)  # Guards the short side against rounding.
-  image = tf.image.resize(image, new_shape, method='bilinear')
+  image = tf.image.resize(image, new_shape, method=interpolation)
   top = (new_shape[0] - image_size) // 2
   left = (new_shape[1] - image_size) // 2
   return _to_uint8(image[top:top + image_size, left:left + image_size])
@@ -94,6 +102,6 @@ def _random_crop_window(height: tf.Tensor, width: tf.Tensor, uniforms: tf.Tensor
 
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
-  """Rounds bilinear output, which stays within [0, 255], to the nearest uint8."""
-  return tf.cast(image + 0.5, tf.uint8)
+  """Rounds resized pixels to the nearest uint8 (bicubic ones may overshoot [0, 255])."""
+  return tf.cast(tf.clip_by_value(image, 0.0, 255.0) + 0.5, tf.uint8)
 

@@ -3,12 +3,14 @@
 Two layouts exist. A *variables directory* is what the converter writes:
 
     DIR/variables/      Orbax checkpoint of {'params', 'batch_stats'} (float32 numpy)
-    DIR/model.json      {"arch": ..., "num_classes": ..., "source": ...}
+    DIR/model.json      {"arch", "num_classes", "source", and where known "class_names",
+                        "model" (ResNeXt fields of a custom size), "eval" (resize, crop)}
 
 A *training workdir* holds an Orbax `CheckpointManager` directory:
 
     WORKDIR/checkpoints/<step>/state/   the TrainState as a nested dict
     WORKDIR/checkpoints/<step>/data/    the input iterator's position (JSON)
+    WORKDIR/model.json                  as above, for the run's model and dataset
 
 `load_variables` is the one entry point for reading weights back, whatever wrote them.
 """
@@ -81,6 +83,25 @@ def read_model_info(directory: str) -> dict[str, Any] | None:
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def write_model_info(directory: str, model_info: dict[str, Any]) -> None:
+  """Writes `model.json` into `directory` atomically (a reader never sees half a file)."""
+  path = os.path.join(directory, MODEL_INFO_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(model_info, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
+def find_model_info(path: str) -> dict[str, Any] | None:
+  """The `model.json` of `path` or of the workdir it lies in (a step directory, or the
+  `checkpoints/` folder); None if there is none."""
+  path = os.path.abspath(os.path.expanduser(path))
+  for directory in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+    info = read_model_info(directory)
+    if info is not None:
+      return info
+  return None
 
 
 def _latest_step_dir(checkpoints_dir: str) -> str | None:

@@ -30,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 256  # global, over all devices and hosts
   config.eval_batch_size = 256
   config.train_crop_min_area = 0.08  # RandomResizedCrop's lower area bound
+  # Eval: shorter side resized to this, then the central image_size crop. -1: image_size /
+  # 0.875, or with eval_only the registered init_from weights' own size.
+  config.eval_resize_size = -1
+  config.eval_interpolation = ''  # 'bilinear' or 'bicubic'; '': bilinear, or the weights'
   config.cache_dir = ''  # where image-folder scans are cached ('' = ~/.cache/resnext_jax)
 
   # Optimisation: SGD with momentum, lr scaled linearly with batch_size / 256.
@@ -53,6 +57,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = -1  # -1: once per epoch (and always at the end)
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
-  config.init_from = ''  # weights to start from: any path load_variables accepts
+  config.init_from = ''  # weights to start from: a registered name, URL, file or directory
   config.eval_only = False  # evaluate init_from (or the workdir's checkpoint) and stop
   return config

@@ -19,11 +19,14 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from resnext_jax.data import pipeline
+from resnext_jax.data.dataset import DatasetInfo
+from resnext_jax.data.preprocessing import EVAL_CROP_FRACTION
 from resnext_jax.model.resnext import ResNeXt, init_variables
 from resnext_jax.ops.impl import describe_choice
 from resnext_jax.training import checkpoints, optim, sharding, steps
 from resnext_jax.training.reporting import MetricsReporter, ProgressLine, quiet_library_logs
 from resnext_jax.training.variables import build_model, initial_variables
+from resnext_jax.weights import registry
 
 
 class TrainingDivergedError(RuntimeError):
@@ -42,6 +45,8 @@ class RunContext:
   jitted: steps.JittedSteps
   ckpts: checkpoints.TrainingCheckpoints
   reporter: MetricsReporter
+  eval_resize_size: int  # evaluation resizes the shorter side to this, then crops
+  eval_interpolation: str
 
   @property
   def batch_sharding(self) -> jax.sharding.Sharding:
@@ -69,17 +74,51 @@ def _create_context(config: ml_collections.ConfigDict, workdir: str) -> RunConte
                describe_choice(config.conv_impl), mesh.devices.size, schedule)
   jitted = steps.jit_steps(model, tx, mesh, learning_rate_fn=learning_rate_fn,
                            label_smoothing=config.label_smoothing)
-  return RunContext(
+  resize, interpolation = _eval_preprocessing(config)
+  run = RunContext(
       config=config, workdir=workdir, mesh=mesh, model=model, schedule=schedule, tx=tx,
       jitted=jitted,
       ckpts=checkpoints.TrainingCheckpoints(workdir, max_to_keep=config.keep_checkpoints),
-      reporter=MetricsReporter(workdir))
+      reporter=MetricsReporter(workdir), eval_resize_size=resize,
+      eval_interpolation=interpolation)
+  _write_run_files(run, info)
+  return run
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+def _eval_preprocessing(config: ml_collections.ConfigDict) -> tuple[int, str]:
+  """(resize, interpolation) of evaluation: the config's where set; else, evaluating
+  registered weights (eval_only), their publisher's; else image_size / 0.875, bilinear."""
+  entry = registry.REGISTRY.get(config.init_from) if config.eval_only else None
+  resize = config.eval_resize_size
+  if resize <= 0 and entry is not None:
+    resize = round(entry.resize * config.image_size / entry.crop)
+  elif resize <= 0:
+    resize = round(config.image_size / EVAL_CROP_FRACTION)
+  interpolation = config.eval_interpolation or (entry.interpolation if entry else 'bilinear')
+  if entry is not None:
+    logging.info('Evaluating %s with its publisher\'s preprocessing: resize %d, crop %d, '
+                 '%s (unless config.eval_resize_size / eval_interpolation say otherwise).',
+                 entry.name, resize, config.image_size, interpolation)
+  return resize, interpolation
+
+
+def _write_run_files(run: RunContext, info: DatasetInfo) -> None:
+  """config.json, and model.json: what a predictor needs to rebuild the model and name
+  its classes (arch, sizes, class names, eval preprocessing)."""
+  config = run.config
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  model = run.model
+  checkpoints.write_model_info(run.workdir, {
+      'arch': config.arch, 'num_classes': model.num_classes, 'source': 'training run',
+      'dataset': config.dataset,
+      'model': {k: list(v) if isinstance(v, tuple) else v
+                for k, v in config.model.to_dict().items()},
+      'class_names': list(info.class_names) if info.class_names else None,
+      'eval': {'resize': run.eval_resize_size, 'crop': config.image_size,
+               'interpolation': run.eval_interpolation}})
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -88,7 +127,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   quiet_library_logs()
   run = _create_context(config, workdir)
-  _write_config(config, workdir)
   try:
     if config.eval_only:
       return _evaluate_only(run)
@@ -125,7 +163,8 @@ def _restore_or_create(run: RunContext) -> tuple[steps.TrainState, dict | None]:
 def evaluate(run: RunContext, state: steps.TrainState) -> dict[str, float]:
   """Loss, top-1 and top-5 over every example of config.eval_split, each counted once."""
   totals = None
-  for local_batch in pipeline.create_eval_iterator(run.config):
+  for local_batch in pipeline.create_eval_iterator(
+      run.config, resize_size=run.eval_resize_size, interpolation=run.eval_interpolation):
     sums = run.jitted.eval(state, pipeline.make_global_batch(local_batch, run.batch_sharding))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
@@ -147,7 +186,7 @@ def _evaluate_only(run: RunContext) -> dict[str, float]:
     raise ValueError('config.eval_only needs weights: set config.init_from to a '
                      'checkpoint or converted weights, or a --workdir with checkpoints.')
   if config.init_from:
-    variables = initial_variables(config, run.model)
+    variables = initial_variables(config, run.model, whole=True)
     state = sharding.put_replicated(steps.create_train_state(variables, run.tx),
                                     run.state_sharding)
   else:

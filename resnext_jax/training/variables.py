@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from absl import logging
 import numpy as np
 
+from resnext_jax import pretrained
 from resnext_jax.model.resnext import ResNeXt, create_model, init_variables
 from resnext_jax.ops.impl import resolve_impl
 from resnext_jax.training import checkpoints
@@ -45,15 +46,28 @@ def merge_pretrained(initial: dict, loaded: dict, source: str) -> tuple[dict, li
   return flax.traverse_util.unflatten_dict(merged, sep='/'), not_loaded
 
 
-def initial_variables(config, model: ResNeXt) -> dict:
-  """Fresh variables from config.seed, overlaid with config.init_from when set."""
+def initial_variables(config, model: ResNeXt, *, whole: bool = False) -> dict:
+  """Fresh variables from config.seed, overlaid with config.init_from when set: a
+  registered name, a URL, a PyTorch file or a directory (`pretrained.load_pretrained`).
+
+  With `whole` (evaluation), a head of another class count is an error instead of being
+  re-initialised.
+  """
   variables = jax.device_get(
       init_variables(model, jax.random.PRNGKey(config.seed), config.image_size))
   if not config.init_from:
     return variables
-  loaded = checkpoints.load_variables(config.init_from)
+  # A custom size (config.model) is converted as that model; a published one is detected.
+  loaded, _ = pretrained.load_pretrained(config.init_from,
+                                         arch=model if config.model else None)
   variables, not_loaded = merge_pretrained(variables, loaded, config.init_from)
   logging.info('Loaded weights from %s.', config.init_from)
+  if not_loaded and whole:
+    raise ValueError(
+        f'config.init_from={config.init_from} has a head of another class count than this '
+        f'dataset ({model.num_classes} classes):\n  ' + '\n  '.join(not_loaded) +
+        '\nEvaluate it on a dataset with its classes, or finetune it first '
+        '(config.eval_only=False).')
   if not_loaded:
     logging.warning('Not loaded (re-initialised) from %s:\n  %s', config.init_from,
                     '\n  '.join(not_loaded))

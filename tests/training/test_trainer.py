@@ -16,7 +16,8 @@ from resnext_jax import convert
 from resnext_jax.model.resnext import ResNeXt
 from resnext_jax.training import checkpoints, trainer
 from tests import helpers
-from tests.helpers import ROOT, TINY_MODEL, leaves, read_metrics, tiny_config, train_command
+from tests.helpers import (ROOT, TINY_MODEL, config_with, leaves, read_metrics, tiny_config,
+                           train_command)
 
 
 @pytest.fixture(scope='module')
@@ -184,3 +185,16 @@ def test_resnext50_config_runs_on_imagenet_prepared_by_tfds(tmp_path):
   records = read_metrics(workdir)
   assert [r['step'] for r in records if 'train_loss' in r] == [1, 2]
   assert checkpoints.load_variables(workdir)['params']['fc']['kernel'].shape == (2048, 1000)
+
+
+def test_registered_weights_are_evaluated_as_their_publisher_did():
+  def resize_and_interpolation(**overrides):
+    return trainer._eval_preprocessing(config_with(**overrides))  # pylint: disable=protected-access
+
+  tv2, ra = 'resnext50_32x4d.tv2_in1k', 'resnext50_32x4d.ra_in1k'
+  assert resize_and_interpolation() == (256, 'bilinear')  # image_size 224 / 0.875
+  assert resize_and_interpolation(init_from=tv2) == (256, 'bilinear')  # when training
+  assert resize_and_interpolation(eval_only=True, init_from=tv2) == (232, 'bilinear')
+  assert resize_and_interpolation(eval_only=True, init_from=ra) == (236, 'bicubic')  # 303/288
+  assert resize_and_interpolation(eval_only=True, init_from=tv2, eval_resize_size=240,
+                                  eval_interpolation='bicubic') == (240, 'bicubic')
