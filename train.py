@@ -19,6 +19,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wron
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from resnext_jax.training import checkpoints, trainer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from resnext_jax.weights import download  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
@@ -44,7 +45,7 @@ def main(argv):
   try:
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, checkpoints.CheckpointError,
-          trainer.TrainingDivergedError) as e:
+          download.DownloadError, trainer.TrainingDivergedError) as e:
     logging.debug('Traceback of the error below:', exc_info=True)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

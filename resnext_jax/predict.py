@@ -5,8 +5,9 @@
 
 `--weights` is anything `load_pretrained` takes: a registered name, a URL, a PyTorch
 file, a converter output or a training workdir. Images (JPEG, PNG, BMP, GIF; grayscale or
-colour; folders recursively) get the weights' own eval preprocessing and are classified
-in batches on whatever devices JAX has. Each image prints its path and the top-k class
+colour; folders recursively) get the weights' own eval preprocessing (resize, crop and
+interpolation) and are classified in batches on JAX's default device (a GPU or TPU where
+there is one). Each image prints its path and the top-k class
 names with probabilities, or with `--json` one object per line:
 `{"path": ..., "top_k": [{"label": ..., "prob": ...}, ...]}`. Unreadable images are named
 on stderr and skipped; the exit status is 1 if none could be read.
@@ -17,6 +18,7 @@ In Python: `Predictor.from_pretrained(source).classify(paths)`.
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Iterable, Sequence
 
@@ -24,10 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnext_jax.data.image_folder import IMAGE_EXTENSIONS
+from resnext_jax.data.preprocessing import EVAL_CROP_FRACTION
 from resnext_jax.model.resnext import ResNeXt, normalize_images
 from resnext_jax.pretrained import PretrainedInfo, load_pretrained
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+# Images read and decoded at once by the command line (bounds its memory).
+_CHUNK = 256
 
 
 class Predictor:
@@ -40,7 +45,7 @@ class Predictor:
     self.info = info
     self.batch_size = batch_size
     self.image_size = info.crop or 224
-    self.resize_size = info.resize or round(self.image_size / 0.875)
+    self.resize_size = info.resize or round(self.image_size / EVAL_CROP_FRACTION)
     self.class_names = info.class_names or tuple(
         f'class {i}' for i in range(info.num_classes))
     self._probabilities = jax.jit(lambda v, x: jax.nn.softmax(
@@ -69,7 +74,9 @@ class Predictor:
           images.append(self.preprocess(f.read()))
         read.append(path)
       except (OSError, tf.errors.OpError) as e:
-        failed[path] = (getattr(e, 'message', None) or str(e)).splitlines()[0]
+        message = (getattr(e, 'message', None) or str(e)).splitlines()[0]
+        # TF wraps the reason in its op's names: "{{function_node ...}} REASON [Op:...]".
+        failed[path] = re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:\w+\]', '', message)
     return read, images, failed
 
   def classify(self, paths: Sequence[str],
@@ -82,12 +89,13 @@ class Predictor:
               top_k: int = 5) -> list[list[tuple[str, float]]]:
     """For each preprocessed uint8 image, its top-k (class name, probability) pairs."""
     top_k = min(top_k, len(self.class_names))
+    size = min(self.batch_size, len(images))  # one compiled shape for every batch
     results = []
-    for start in range(0, len(images), self.batch_size):
-      batch = np.stack(images[start:start + self.batch_size])
+    for start in range(0, len(images), size):
+      batch = np.stack(images[start:start + size])
       count = len(batch)
-      if count < self.batch_size:  # one compiled shape for every batch
-        padding = np.zeros((self.batch_size - count,) + batch.shape[1:], batch.dtype)
+      if count < size:
+        padding = np.zeros((size - count,) + batch.shape[1:], batch.dtype)
         batch = np.concatenate([batch, padding])
       probabilities = np.asarray(self._probabilities(self.variables, jnp.asarray(batch)))
       for row in probabilities[:count]:
@@ -130,18 +138,21 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, RuntimeError) as e:  # names, downloads, conversions, checkpoints
     print(f'error: {e}', file=sys.stderr)
     return 2
-  read, images, failed = predictor.load_images(paths)
-  for path, why in failed.items():
-    print(f'skipped {path}: not a readable image ({why})', file=sys.stderr)
-  if not read:
+  classified = 0
+  for start in range(0, len(paths), _CHUNK):
+    read, images, failed = predictor.load_images(paths[start:start + _CHUNK])
+    for path, why in failed.items():
+      print(f'skipped {path}: not a readable image ({why})', file=sys.stderr)
+    for path, top in zip(read, predictor.predict(images, args.top_k) if read else []):
+      if args.json:
+        print(json.dumps({'path': path, 'top_k': [{'label': label, 'prob': round(prob, 6)}
+                                                  for label, prob in top]}))
+      else:
+        print(path + ': ' + ', '.join(f'{label} {prob:.3f}' for label, prob in top))
+    classified += len(read)
+  if not classified:
     print('error: none of the images could be read', file=sys.stderr)
     return 1
-  for path, top in zip(read, predictor.predict(images, args.top_k)):
-    if args.json:
-      print(json.dumps({'path': path, 'top_k': [{'label': label, 'prob': round(prob, 6)}
-                                                for label, prob in top]}))
-    else:
-      print(path + ': ' + ', '.join(f'{label} {prob:.3f}' for label, prob in top))
   return 0
 
 

@@ -17,19 +17,23 @@ import os
 import sys
 import urllib.parse
 
-from absl import logging
+import jax
 
 from resnext_jax import convert
-from resnext_jax.model.resnext import ARCHS, ResNeXt
+from resnext_jax.model.resnext import ARCHS, ResNeXt, create_model
 from resnext_jax.training import checkpoints
 from resnext_jax.weights import download, registry
+
+
+# Part of every converted cache entry's name: bump when conversion or model.json change.
+_CACHE_FORMAT = 'v1'
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainedInfo:
   """What is known about loaded weights besides the arrays."""
   source: str  # the name, URL or path asked for
-  arch: str
+  arch: str | None  # None: a directory without model.json (pass arch= to name it)
   num_classes: int
   class_names: tuple[str, ...] | None
   model_overrides: dict  # ResNeXt fields that differ from the arch (custom sizes)
@@ -39,7 +43,9 @@ class PretrainedInfo:
 
   def create_model(self, **kwargs) -> ResNeXt:
     """The model these weights belong to (`kwargs`: e.g. dtype, conv_impl)."""
-    from resnext_jax.model.resnext import create_model  # pylint: disable=g-import-not-at-top
+    if self.arch is None:
+      raise ValueError(f'{self.source} has no model.json saying which arch it is: pass '
+                       f'arch=NAME to load_pretrained (one of {", ".join(ARCHS)}).')
     return create_model(self.arch, num_classes=self.num_classes,
                         **{**self.model_overrides, **kwargs})
 
@@ -53,79 +59,90 @@ def load_pretrained(name_or_url: str, *, arch: str | ResNeXt | None = None,
   `download.DownloadError`, `convert.ConversionError` or ValueError with what to do.
   """
   source = str(name_or_url)
+  entry = registry.REGISTRY.get(source) or registry.BY_URL.get(source)
   local_dir = os.path.expanduser(source)
-  if source not in registry.REGISTRY and os.path.isdir(local_dir):
+  if entry is None and os.path.isdir(local_dir):
     variables = checkpoints.load_variables(local_dir)
-    return variables, _info_from_model_json(source, checkpoints.find_model_info(local_dir),
-                                            variables)
-  path, key, entry = _fetch(source, sha256)
+    info = checkpoints.find_model_info(local_dir) or {}
+    if isinstance(arch, str):
+      info = {**info, 'arch': arch}
+    return variables, _info(source, info, variables, entry)
+  path, key = _fetch(source, entry, sha256)
   if isinstance(arch, ResNeXt):
-    key += '-' + hashlib.sha1(repr(arch).encode()).hexdigest()[:8]
-  converted = os.path.join(download.cache_dir(), 'converted', key)
-  if not os.path.isdir(converted):
-    _convert_into(path, converted, arch or (entry.arch if entry else None), source, entry)
-  variables = checkpoints.load_variables(converted)
-  return variables, _info_from_model_json(source, checkpoints.read_model_info(converted),
-                                          variables)
+    key += '-' + hashlib.sha1(repr(_overrides_of(arch)).encode()).hexdigest()[:8]
+  converted = os.path.join(download.cache_dir(), 'converted', f'{_CACHE_FORMAT}-{key}')
+  if os.path.isdir(os.path.join(converted, checkpoints.VARIABLES_ITEM)):
+    variables = checkpoints.load_variables(converted)
+    info = checkpoints.read_model_info(converted)
+    return variables, _info(source, info, variables, entry)
+  try:
+    variables, info = _convert(path, arch or (entry.arch if entry else None), source, entry)
+  except (convert.ConversionError, checkpoints.CheckpointError):
+    if entry is None and sha256 is None and path.startswith(download.cache_dir()):
+      os.unlink(path)  # an unverified download that is not weights (an error page?)
+    raise
+  if jax.process_count() == 1:  # on a pod every process converts for itself
+    try:
+      checkpoints.save_variables(variables, converted, model_info=info)
+    except (checkpoints.CheckpointError, OSError):
+      pass  # another process on this machine cached it first
+  return variables, _info(source, info, variables, entry)
 
 
-def _fetch(source: str, sha256: str | None):
-  """(local file, cache key, registry entry or None) for a name, URL or file."""
+def _fetch(source: str, entry: registry.WeightsEntry | None, sha256: str | None):
+  """(local file, cache key) for a registered entry, a URL or a file."""
   downloads = os.path.join(download.cache_dir(), 'downloads')
-  if source in registry.REGISTRY or ('.' in source and '/' not in source
-                                     and not os.path.exists(source)):
-    entry = registry.lookup(source)  # names close matches when unknown
+  if entry is not None:
     name = download.file_name(entry.url)
     path = download.fetch(download.mirrored(entry.url), os.path.join(downloads, name),
                           sha256=entry.sha256)
-    return path, entry.name, entry
+    return path, f'{entry.name}-{entry.sha256}'
   if urllib.parse.urlparse(source).scheme in ('http', 'https', 'file'):
     name = download.file_name(source)
     tag = hashlib.sha1(source.encode()).hexdigest()[:12]
     path = download.fetch(source, os.path.join(downloads, f'{tag}-{name}'), sha256=sha256)
-    return path, f'{tag}-{name}', None
+    return path, f'{tag}-{name}'
   path = os.path.expanduser(source)
   if not os.path.isfile(path):
+    if '/' not in source and '.' in source:
+      registry.lookup(source)  # raises, naming the registered names closest to it
     raise ValueError(f'{source!r} is neither a registered weights name, a URL nor an '
-                     f'existing file or directory. Registered: {", ".join(registry.REGISTRY)}.')
-  digest = download.sha256_of(path)
-  if sha256 and not digest.startswith(sha256.lower()):
-    raise download.DownloadError(f'{path} has sha256 {digest}, but {sha256} was expected.')
-  return path, f'{digest[:16]}-{os.path.basename(path)}', None
+                     'existing file or directory. Registered: '
+                     f'{", ".join(registry.REGISTRY)}.')
+  stat = os.stat(path)
+  if sha256 and not download.sha256_of(path).startswith(sha256.lower()):
+    raise download.DownloadError(f'{path} has sha256 {download.sha256_of(path)}, but '
+                                 f'{sha256} was expected.')
+  tag = hashlib.sha1(f'{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}'.encode())
+  return path, f'{tag.hexdigest()[:12]}-{os.path.basename(path)}'
 
 
-def _convert_into(path, converted, arch, source, entry) -> None:
-  """Converts the PyTorch/safetensors file at `path` and caches it at `converted`."""
+def _convert(path, arch, source, entry) -> tuple[dict, dict]:
+  """Converts the PyTorch/safetensors file at `path`: (variables, model.json contents)."""
   state_dict = convert.read_torch_file(path)
-  if entry is None:
-    logging.info('Weights %s: sha256 %s.', source, download.sha256_of(path))
   if arch is None:
     arch = convert.describe_weights(convert.normalize_keys(state_dict))
     if arch not in ARCHS:
-      raise convert.ConversionError(f'Cannot tell the arch of {source}: it looks like {arch}. '
-                                    'Pass arch=... (a name or a ResNeXt module).')
+      raise convert.ConversionError(f'Cannot tell the arch of {source}: it looks like '
+                                    f'{arch}. Pass arch=... (a name or a ResNeXt module).')
+  extra = {}
   if isinstance(arch, ResNeXt):  # a custom size: keep it, with the weights' class count
     fc = convert.normalize_keys(state_dict).get('fc.weight')
     arch = arch.clone(num_classes=int(fc.shape[0])) if fc is not None else arch
-  variables = convert.convert_state_dict(state_dict, arch)
-  extra = {}
-  if isinstance(arch, ResNeXt):
     extra['model'] = _overrides_of(arch)
-  if entry is not None:
-    extra['eval'] = {'resize': entry.resize, 'crop': entry.crop,
-                     'interpolation': entry.interpolation}
-  info = convert.model_info(arch if isinstance(arch, str) else _arch_of(arch), variables,
-                            source, **extra)
-  checkpoints.save_variables(variables, converted, model_info=info, overwrite=True)
+  variables = convert.convert_state_dict(state_dict, arch)
+  arch_name = arch if isinstance(arch, str) else _arch_of(arch)
+  return variables, convert.model_info(arch_name, variables, source, **extra)
 
 
 def _arch_of(model: ResNeXt) -> str:
-  """The registered arch a custom-size model was built from, by its stage layout."""
+  """The registered arch with a custom-size model's stage layout, else resnext50_32x4d
+  (model.json's "model" fields then give every size)."""
   for name, (stages, cardinality, width) in ARCHS.items():
     if (tuple(model.stage_sizes), model.cardinality, model.width_per_group) == (
         tuple(stages), cardinality, width):
       return name
-  return 'resnext50_32x4d'  # any arch: the overrides give every size
+  return 'resnext50_32x4d'
 
 
 def _overrides_of(model: ResNeXt) -> dict:
@@ -133,13 +150,18 @@ def _overrides_of(model: ResNeXt) -> dict:
           'width_per_group': model.width_per_group, 'base_planes': model.base_planes}
 
 
-def _info_from_model_json(source: str, info: dict | None, variables: dict) -> PretrainedInfo:
+def _info(source: str, info: dict | None, variables: dict,
+          entry: registry.WeightsEntry | None) -> PretrainedInfo:
+  """The PretrainedInfo of loaded variables, from model.json and the registry entry."""
   info = info or {}
   num_classes = int(variables['params']['fc']['bias'].shape[0])
   evaluation = info.get('eval') or {}
+  if entry is not None:  # the registry, not the cache, is the source of these facts
+    evaluation = {'resize': entry.resize, 'crop': entry.crop,
+                  'interpolation': entry.interpolation}
   names = info.get('class_names')
   return PretrainedInfo(
-      source=source, arch=info.get('arch', 'resnext50_32x4d'), num_classes=num_classes,
+      source=source, arch=info.get('arch'), num_classes=num_classes,
       class_names=tuple(names) if names and len(names) == num_classes else None,
       model_overrides={k: tuple(v) if isinstance(v, list) else v
                        for k, v in (info.get('model') or {}).items()},
@@ -149,16 +171,16 @@ def _info_from_model_json(source: str, info: dict | None, variables: dict) -> Pr
 
 def main(argv: list[str]) -> int:
   if not argv:
-    print('| name | top-1 | top-5 | eval resize/crop | sha256 | url |')
-    print('|---|---:|---:|---|---|---|')
+    print('| name | top-1 | top-5 | eval resize/crop | layout | sha256 | url |')
+    print('|---|---:|---:|---|---|---|---|')
     for e in registry.ENTRIES:
       print(f'| {e.name} | {e.top1} | {e.top5} | {e.resize}/{e.crop} {e.interpolation} | '
-            f'{e.sha256 or "-"} | {e.url} |')
+            f'{e.layout} | {e.sha256 or "-"} | {e.url} |')
     return 0
   for source in argv:
     try:
       _, info = load_pretrained(source)
-    except (ValueError, download.DownloadError, checkpoints.CheckpointError) as e:
+    except (ValueError, download.DownloadError) as e:
       print(f'error: {e}', file=sys.stderr)
       return 2
     print(f'{source}: {info.arch}, {info.num_classes} classes, cached in '

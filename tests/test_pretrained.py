@@ -16,7 +16,7 @@ import torchvision
 from resnext_jax import pretrained
 from resnext_jax.model import resnext
 from resnext_jax.weights import download, registry
-from tests.helpers import random_images, randomized, tiny_config, torch_logits
+from tests.helpers import ROOT, random_images, randomized, tiny_config, torch_logits
 
 
 class _Server:
@@ -136,8 +136,20 @@ def test_the_mirror_serves_registered_names(served, cache, monkeypatch):
                      match=r'resnext50_32x4d-1a0047aa.pth has sha256 .*but 1a0047aa'):
     pretrained.load_pretrained('resnext50_32x4d.tv2_in1k')
   assert _cached_files(cache) == []
-  monkeypatch.setenv(download.MIRROR_VARIABLE, '/srv/weights')
-  assert download.mirrored(entry.url) == '/srv/weights/resnext50_32x4d-1a0047aa.pth'
+  folder = os.path.dirname(served[2])  # a mirror folder serves the same way
+  monkeypatch.setenv(download.MIRROR_VARIABLE, folder)
+  assert download.mirrored(entry.url) == os.path.join(folder, 'resnext50_32x4d-1a0047aa.pth')
+  with pytest.raises(download.DownloadError, match=r'has sha256 .*but 1a0047aa was expected'):
+    pretrained.load_pretrained('resnext50_32x4d.tv2_in1k')
+  assert _cached_files(cache) == []
+
+
+def test_a_file_placed_in_the_cache_by_hand_is_checked_too(served, cache):
+  os.makedirs(os.path.join(cache, 'downloads'))
+  shutil.copy(served[2], os.path.join(cache, 'downloads', 'resnext50_32x4d-1a0047aa.pth'))
+  with pytest.raises(download.DownloadError, match=r'cached .* does not have the sha256 '
+                                                   r'1a0047aa'):
+    pretrained.load_pretrained('resnext50_32x4d.tv2_in1k')
 
 
 def test_unknown_names_suggest_registered_ones(cache):
@@ -145,14 +157,19 @@ def test_unknown_names_suggest_registered_ones(cache):
     pretrained.load_pretrained('resnext50_32x4d.tv3_in1k')
 
 
-def test_the_registry_holds_what_the_readme_promises():
-  for entry in registry.ENTRIES:
-    assert entry.arch in resnext.ARCHS and entry.name.startswith(entry.arch + '.')
-    assert entry.url.startswith('https://') and entry.layout in ('torchvision', 'mmcls')
-    assert entry.crop <= entry.resize and entry.interpolation in ('bilinear', 'bicubic')
-    if entry.sha256:
-      assert entry.sha256 in entry.url or len(entry.sha256) == 64
-  assert len(registry.imagenet_class_names()) == 1000
+def test_the_readme_table_is_the_registry():
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    rows = [line.split('|')[1:-1] for line in f if line.startswith('| `resnext')
+            and '_in1k` |' in line]
+  table = {cells[0].strip(' `'): [c.strip() for c in cells[1:4]] for cells in rows}
+  assert list(table) == list(registry.REGISTRY)
+  for name, (results, sizes, sha256) in table.items():
+    entry = registry.REGISTRY[name]
+    assert [float(x) for x in results.split(' / ')] == [entry.top1, entry.top5]
+    assert sizes == f'{entry.resize} / {entry.crop} {entry.interpolation}'
+    assert sha256 == entry.sha256
+    assert entry.arch in resnext.ARCHS and name.startswith(entry.arch + '.')
+  assert len(set(registry.imagenet_class_names())) == 1000
 
 
 @pytest.mark.slow

@@ -39,7 +39,8 @@ import tensorflow as tf
 from resnext_jax.data import shapes
 from resnext_jax.data.dataset import DatasetInfo, Source
 from resnext_jax.data.image_folder import image_folder_source
-from resnext_jax.data.preprocessing import preprocess_eval, preprocess_train
+from resnext_jax.data.preprocessing import (EVAL_CROP_FRACTION, check_eval_preprocessing,
+                                            preprocess_eval, preprocess_train)
 from resnext_jax.data.tfds_source import tfds_source
 
 IMAGE_FOLDER = 'image_folder'
@@ -162,8 +163,9 @@ def _eval_iterator(config, *, process_index: int, process_count: int,
   configured = config.get('eval_resize_size', -1)
   resize_size = resize_size or (configured if configured > 0 else None)
   interpolation = interpolation or config.get('eval_interpolation', '') or 'bilinear'
-  if interpolation not in ('bilinear', 'bicubic'):
-    raise ValueError(f'config.eval_interpolation={interpolation!r}; use bilinear or bicubic.')
+  check_eval_preprocessing(config.image_size,
+                           resize_size or round(config.image_size / EVAL_CROP_FRACTION),
+                           interpolation)
   global_batch = config.eval_batch_size
   local_batch = _local_batch_size(global_batch, process_count, 'config.eval_batch_size')
   image_size = config.image_size

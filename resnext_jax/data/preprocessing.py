@@ -53,6 +53,16 @@ def preprocess_eval(encoded: tf.Tensor, *, image_size: int, resize_size: int | N
                      interpolation=interpolation)
 
 
+def check_eval_preprocessing(image_size: int, resize_size: int, interpolation: str) -> None:
+  """Refuses settings that `preprocess_eval` cannot follow, naming the config field."""
+  if interpolation not in ('bilinear', 'bicubic'):
+    raise ValueError(f'config.eval_interpolation={interpolation!r}; use bilinear or bicubic.')
+  if resize_size < image_size:
+    raise ValueError(f'config.eval_resize_size={resize_size} is smaller than '
+                     f'config.image_size={image_size}, the crop taken from the resized '
+                     'image; use at least image_size (or -1 for image_size / 0.875).')
+
+
 def center_crop(image: tf.Tensor, *, image_size: int, resize_size: int | None = None,
                 interpolation: str = 'bilinear') -> tf.Tensor:
   """`preprocess_eval` of a decoded uint8 [h, w, 3] image."""

@@ -68,6 +68,7 @@ def save_variables(variables: dict, directory: str, *, model_info: dict[str, Any
     checkpointer.wait_until_finished()
     with open(os.path.join(staging, MODEL_INFO_FILE), 'w') as f:
       json.dump(model_info, f, indent=2)
+    os.chmod(staging, 0o755)  # mkdtemp's 0700 would lock out others sharing a cache
     if os.path.exists(directory):
       shutil.rmtree(directory)
     os.rename(staging, directory)

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from resnext_jax.data import pipeline
 from resnext_jax.data.dataset import DatasetInfo
-from resnext_jax.data.preprocessing import EVAL_CROP_FRACTION
+from resnext_jax.data.preprocessing import EVAL_CROP_FRACTION, check_eval_preprocessing
 from resnext_jax.model.resnext import ResNeXt, init_variables
 from resnext_jax.ops.impl import describe_choice
 from resnext_jax.training import checkpoints, optim, sharding, steps
@@ -95,9 +95,10 @@ def _eval_preprocessing(config: ml_collections.ConfigDict) -> tuple[int, str]:
   elif resize <= 0:
     resize = round(config.image_size / EVAL_CROP_FRACTION)
   interpolation = config.eval_interpolation or (entry.interpolation if entry else 'bilinear')
+  check_eval_preprocessing(config.image_size, resize, interpolation)
   if entry is not None:
-    logging.info('Evaluating %s with its publisher\'s preprocessing: resize %d, crop %d, '
-                 '%s (unless config.eval_resize_size / eval_interpolation say otherwise).',
+    logging.info('Evaluating %s with its publisher\'s resize-to-crop ratio and '
+                 'interpolation: resize %d, crop %d (config.image_size), %s.',
                  entry.name, resize, config.image_size, interpolation)
   return resize, interpolation
 

@@ -10,12 +10,14 @@ import hashlib
 import http.client
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 
+from absl import logging
 import tqdm
+
+from resnext_jax.cache import atomic_file, cache_root
 
 MIRROR_VARIABLE = 'RESNEXT_JAX_WEIGHTS_MIRROR'
 _CHUNK = 1 << 20
@@ -28,9 +30,7 @@ class DownloadError(RuntimeError):
 
 def cache_dir() -> str:
   """`$RESNEXT_JAX_CACHE/weights`, by default `~/.cache/resnext_jax/weights`."""
-  root = os.environ.get('RESNEXT_JAX_CACHE',
-                        os.path.join(os.path.expanduser('~'), '.cache', 'resnext_jax'))
-  return os.path.join(root, 'weights')
+  return os.path.join(cache_root(), 'weights')
 
 
 def mirrored(url: str) -> str:
@@ -61,14 +61,16 @@ def sha256_of(path: str) -> str:
 def fetch(url: str, destination: str, *, sha256: str | None = None) -> str:
   """The file at `url` (http(s), file:// or a local path) at `destination`, fetched unless
   it is there already. `sha256` may be the full hex digest or a prefix of it (as in
-  torchvision's and mmcls' file names); a file that does not match is refused."""
+  torchvision's and mmcls' file names); a file that does not match, fetched or found in
+  the cache, is refused."""
   if os.path.exists(destination):
+    if sha256 and not sha256_of(destination).startswith(sha256.lower()):
+      raise DownloadError(f'The cached {destination} does not have the sha256 {sha256} of '
+                          f'{url}: delete it, and place the published file there or let '
+                          'it download again.')
     return destination
-  os.makedirs(os.path.dirname(destination), exist_ok=True)
-  fd, partial = tempfile.mkstemp(prefix='.' + os.path.basename(destination) + '.',
-                                 dir=os.path.dirname(destination))
-  try:
-    with os.fdopen(fd, 'wb') as out:
+  with atomic_file(destination) as partial:
+    with open(partial, 'wb') as out:
       _copy_from(url, out, destination)
     actual = sha256_of(partial)
     if sha256 and not actual.startswith(sha256.lower()):
@@ -76,10 +78,8 @@ def fetch(url: str, destination: str, *, sha256: str | None = None) -> str:
           f'{url} has sha256 {actual}, but {sha256} was expected: the file is not the '
           f'published one (or was corrupted on the way). Nothing was cached. '
           + _by_hand(url, destination))
-    os.replace(partial, destination)
-  finally:
-    if os.path.exists(partial):
-      os.unlink(partial)
+    if not sha256:
+      logging.info('%s: sha256 %s (pass it as sha256= to pin this file).', url, actual)
   return destination
 
 
@@ -112,8 +112,7 @@ def _copy_from(url: str, out, destination: str) -> None:
     raise DownloadError(f'Downloading {url} failed: HTTP {e.code} {e.reason}. '
                         + _by_hand(url, destination)) from e
   except http.client.IncompleteRead as e:
-    raise DownloadError(f'Downloading {url} stopped after {len(e.partial):,} more bytes of '
-                        f'{e.expected + len(e.partial) if e.expected else "?"}: the '
+    raise DownloadError(f'Downloading {url} stopped before the whole file arrived: the '
                         'connection closed early; nothing was cached. Try again. '
                         + _by_hand(url, destination)) from e
   except (urllib.error.URLError, OSError, http.client.HTTPException) as e:

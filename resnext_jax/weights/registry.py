@@ -109,6 +109,7 @@ ENTRIES = (
 )
 
 REGISTRY = {entry.name: entry for entry in ENTRIES}
+BY_URL = {entry.url: entry for entry in ENTRIES}
 
 
 def lookup(name: str) -> WeightsEntry:

@@ -17,9 +17,10 @@ import platform
 import shlex
 import shutil
 import subprocess
-import tempfile
 
 import jax
+
+from resnext_jax.cache import atomic_file, cache_root
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_HERE, name)
@@ -56,11 +57,6 @@ def _compiler() -> list[str] | None:
   return [found] if found else None
 
 
-def _cache_dir() -> str:
-  return os.environ.get('RESNEXT_JAX_CACHE',
-                        os.path.join(os.path.expanduser('~'), '.cache', 'resnext_jax'))
-
-
 def _build(compiler: list[str]) -> str:
   """Compiles the kernels unless a build for these sources and toolchain is cached."""
   sources = []
@@ -70,15 +66,12 @@ def _build(compiler: list[str]) -> str:
   key = hashlib.sha256(b'\0'.join([
       *sources, ' '.join(FLAGS).encode(), ' '.join(compiler).encode(),
       importlib.metadata.version('jaxlib').encode()])).hexdigest()[:16]
-  library = os.path.join(_cache_dir(), f'cpu_kernels_{key}.so')
+  library = os.path.join(cache_root(), f'cpu_kernels_{key}.so')
   if os.path.exists(library):
     return library
-  os.makedirs(_cache_dir(), exist_ok=True)
   # Build beside the target and rename: processes that build at once never see a
   # partial library.
-  fd, partial = tempfile.mkstemp(suffix='.so', dir=_cache_dir())
-  os.close(fd)
-  try:
+  with atomic_file(library, mode=0o755) as partial:
     command = [*compiler, *FLAGS, '-isystem', jax.ffi.include_dir(),
                *(path for path in SOURCES if path.endswith('.cc')), '-o', partial]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -86,11 +79,6 @@ def _build(compiler: list[str]) -> str:
       errors = [line for line in result.stderr.splitlines() if 'error' in line]
       raise RuntimeError(f'{" ".join(command)} failed:\n'
                          + '\n'.join(errors[:5] or result.stderr.splitlines()[-5:]))
-    os.chmod(partial, 0o755)  # mkstemp's 0600 would lock out others sharing the cache
-    os.replace(partial, library)
-  finally:
-    if os.path.exists(partial):
-      os.unlink(partial)
   return library
 
 
