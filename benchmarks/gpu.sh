@@ -6,8 +6,10 @@
 # ResNeXt-50 32x4d and ResNeXt-101 32x8d, bfloat16, batch 128: `python -m
 # resnext_jax.benchmark` once per implementation, and benchmarks/torch_reference.py
 # (channels_last, bf16 autocast, cuDNN autotuning), each in its own process with a time
-# limit, then a table of images/s and of each of ours over torchvision's. Needs only the
-# machine's jax (CUDA), flax, optax, torch and torchvision. Logs go to $OUT if set (the
+# limit, then a table of images/s and of each of ours over torchvision's; and, where the
+# full requirements are installed, the end-to-end check (the trainer's loop on generated
+# JPEGs against the step alone). The step runs need only the machine's jax (CUDA), flax,
+# optax, torch and torchvision. Logs go to $OUT if set (the
 # device tool brings that folder back), else to a temporary folder. ARCHS, IMPLS, BATCH,
 # IMAGE_SIZE, STEPS and PYTHON override the defaults.
 set -u
@@ -53,6 +55,20 @@ for arch in $ARCHS; do
         --steps=$STEPS --warmup=2
   done
 done
+
+# The trainer's whole loop (JPEG decoding, prefetch, logging) against the step alone; it
+# needs the full requirements (TensorFlow, tfds, clu, orbax), which a bare GPU image may lack.
+E2E_ARCH=${E2E_ARCH:-resnext50_32x4d}
+if $PY -c 'import tensorflow, tensorflow_datasets, clu, ml_collections, orbax.checkpoint' \
+    2>/dev/null; then
+  run "$LOGS/end_to_end_$E2E_ARCH.log" $PY -m resnext_jax.benchmark --mode=end_to_end \
+      --arch=$E2E_ARCH --batch_size=$BATCH --image_size=$IMAGE_SIZE --dtype=bfloat16 \
+      --steps=$STEPS --warmup=2 --num_files=$(( BATCH * 4 ))
+  grep -E '^(end_to_end_images_per_sec|synthetic_images_per_sec|input_wait_share|ratio)=' \
+      "$LOGS/end_to_end_$E2E_ARCH.log"
+else
+  echo "end_to_end: skipped (needs: pip install -r requirements.txt)"
+fi
 
 echo
 printf '%-18s %-12s %10s %12s\n' arch step images/s 'vs torch'

@@ -11,7 +11,8 @@ comes from the folders, and the 1000-class head is replaced (the log lists what 
 loaded). Recipe: SGD momentum 0.9, cosine decay from lr 0.01 at batch 64 with one warmup
 epoch, weight decay 1e-4 except on BN and biases, 10 epochs at 224.
 Expected: depends on your data. Cost: 10 epochs of 4.27 GMACs per image forward; on
-one modern GPU about 1,000 images/s with bfloat16 (--config.dtype=bfloat16).
+one modern GPU about 1,000 images/s; dtype 'auto' computes in bfloat16 on GPU and TPU,
+float32 on CPU.
 """
 
 from resnext_jax.training import default_config

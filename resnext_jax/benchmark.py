@@ -5,14 +5,21 @@
 The step is the trainer's own: `training.steps.jit_steps` over `training.sharding`'s mesh
 of all devices (state replicated and donated, batch split), with `training.optim.sgd` at
 the recipe's momentum and weight decay, BatchNorm in train mode. Reported: compile time,
-the median (and min / max) of the timed steps, the model's FLOPs per step from XLA's cost analysis of the
-step built with `conv_impl='xla'` (so every implementation is credited with the same
-work; a `fori_loop` would otherwise be counted once), the FLOP/s that makes, and MFU
-where the device's peak is in `PEAK_FLOPS`. The last line is `images_per_sec=<float>`.
+the median (and min / max) of the timed steps, the model's FLOPs per step from XLA's cost
+analysis of the step built with `conv_impl='xla'` (so every implementation is credited
+with the same work; a `fori_loop` would otherwise be counted once), the FLOP/s that makes,
+and MFU where the device's peak is in `PEAK_FLOPS`. The last line is
+`images_per_sec=<float>`.
 
-Needs only jax, flax, optax, numpy and this package's model and step code (no TensorFlow,
-clu or orbax; tests/test_benchmark.py blocks them), so it runs wherever JAX does: from a
-checkout, or after `pip install --no-deps -e .`.
+The train and eval modes need only jax, flax, optax, numpy and this package's model and
+step code (no TensorFlow, clu or orbax; tests/test_benchmark.py blocks them), so they run
+wherever JAX does: from a checkout, or after `pip install --no-deps -e .`.
+
+    python -m resnext_jax.benchmark --mode=end_to_end --batch_size=16 --steps=5
+
+runs the trainer's whole loop on generated JPEGs against the step alone (`end_to_end`);
+it needs the full requirements. Its last lines are `input_wait_share=<float>` and
+`ratio=<end-to-end images/s over the step alone's>`.
 """
 
 import argparse
@@ -56,7 +63,11 @@ def parse_args(argv):
   parser.add_argument('--batch_size', type=int, default=16, help='global batch size')
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--num_classes', type=int, default=1000)
-  parser.add_argument('--mode', default='train', choices=('train', 'eval'))
+  parser.add_argument('--mode', default='train', choices=('train', 'eval', 'end_to_end'),
+                      help='end_to_end: the trainer loop on generated JPEGs against the '
+                           'train step alone (loads TensorFlow)')
+  parser.add_argument('--num_files', type=int, default=256,
+                      help='end_to_end: generated 500x375 JPEGs to train on')
   parser.add_argument('--steps', type=int, default=5, help='timed steps')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
   parser.add_argument('--conv_impl', default='auto',
@@ -149,8 +160,8 @@ def report_flops(flops: float, step_s: float, dtype: str):
     print(line)
 
 
-def main(argv=None) -> float:
-  args = parse_args(argv)
+def time_step(args) -> float:
+  """Compiles and times the step alone; prints the figures, returns images/s."""
   run_step, flops, compile_s = build_step(args)
   for _ in range(args.warmup):
     run_step()
@@ -165,7 +176,53 @@ def main(argv=None) -> float:
   print(f'step_s median={step_s:.4f} min={min(times):.4f} max={max(times):.4f} '
         f'(over {len(times)} steps)')
   report_flops(flops, step_s, args.dtype)
-  images_per_sec = args.batch_size / step_s
+  return args.batch_size / step_s
+
+
+def end_to_end(args) -> float:
+  """The trainer's own loop (`train_and_evaluate`: JPEG decoding on the host, prefetch to
+  the devices, the jitted step, logging) on generated ImageNet-like JPEGs, then the step
+  alone on device-resident batches; prints both rates, the loop's share of time spent
+  waiting for input, and their ratio. Loads TensorFlow and the input pipeline."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from resnext_jax import input_benchmark  # pylint: disable=g-import-not-at-top
+  from resnext_jax.training import default_config, trainer  # pylint: disable=g-import-not-at-top
+
+  warmup = max(args.warmup, 1)  # the first logged interval includes compilation
+  with tempfile.TemporaryDirectory() as root:
+    input_benchmark.write_images(os.path.join(root, 'train'), args.num_files)
+    input_benchmark.write_images(os.path.join(root, 'validation'), 2)
+    config = default_config.get_config()
+    config.update(dataset='image_folder', data_dir=root,
+                  cache_dir=os.path.join(root, 'cache'), arch=args.arch,
+                  num_classes=args.num_classes, image_size=args.image_size,
+                  batch_size=args.batch_size, eval_batch_size=args.batch_size,
+                  dtype=args.dtype, conv_impl=args.conv_impl,
+                  num_train_steps=warmup + args.steps, log_every_steps=warmup,
+                  eval_every_steps=10**9, checkpoint_every_steps=10**9)
+    workdir = os.path.join(root, 'run')
+    trainer.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      timed = [r for r in map(json.loads, f) if 'images_per_sec' in r][-1]
+  synthetic = time_step(argparse.Namespace(**{**vars(args), 'mode': 'train'}))
+  shares = ', '.join(f'{k[len("time_"):]} {v:.3f}' for k, v in timed.items()
+                     if k.startswith('time_'))
+  print(f'end_to_end_images_per_sec={timed["images_per_sec"]:.2f} (steps {warmup + 1}-'
+        f'{warmup + args.steps} of the trainer loop; time shares: {shares})')
+  print(f'synthetic_images_per_sec={synthetic:.2f}')
+  print(f'input_wait_share={timed["time_input"]:.3f}')
+  ratio = timed['images_per_sec'] / synthetic
+  print(f'ratio={ratio:.3f}')
+  return ratio
+
+
+def main(argv=None) -> float:
+  args = parse_args(argv)
+  if args.mode == 'end_to_end':
+    return end_to_end(args)
+  images_per_sec = time_step(args)
   print(f'images_per_sec={images_per_sec:.2f}')
   return images_per_sec
 

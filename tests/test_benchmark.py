@@ -66,3 +66,23 @@ def test_the_guard_does_block():
                           timeout=120, check=False)
   assert result.returncode != 0
   assert 'clu is not installed (blocked by the test)' in result.stderr
+
+
+@pytest.mark.slow
+def test_end_to_end_runs_the_trainer_loop_against_the_step_alone():
+  """The end-to-end mode may load the input pipeline, so it runs without the guard."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  result = subprocess.run(
+      [sys.executable, '-m', 'resnext_jax.benchmark', '--mode=end_to_end',
+       '--arch=resnext50_32x4d', '--batch_size=4', '--image_size=32', '--num_classes=10',
+       '--steps=2', '--warmup=1', '--num_files=12'],
+      capture_output=True, text=True, env=env, timeout=900, check=False)
+  assert result.returncode == 0, result.stdout + result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert re.match(r'end_to_end_images_per_sec=\d+\.\d+ \(steps 2-3 of the trainer loop; '
+                  r'time shares: input \d\.\d{3}, step', lines[-4]), lines[-4]
+  assert re.fullmatch(r'synthetic_images_per_sec=\d+\.\d+', lines[-3])
+  share = float(re.fullmatch(r'input_wait_share=(\d\.\d+)', lines[-2])[1])
+  ratio = float(re.fullmatch(r'ratio=(\d+\.\d+)', lines[-1])[1])
+  assert 0 <= share <= 1 and ratio > 0

@@ -1,14 +1,16 @@
-"""Where metrics go: clu writers (TensorBoard + console), WORKDIR/metrics.jsonl, progress lines.
+"""Where metrics go: TensorBoard (clu's writer), WORKDIR/metrics.jsonl, and one console
+line per log step (the progress line, with where the time went) and per evaluation.
 
 metrics.jsonl holds one JSON object per write, `{"step": N, "<name>": value, ...}`, so
 people and scripts can follow a run without TensorBoard.
 """
 
+import contextlib
 import json
 import logging as std_logging
 import os
 import time
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import jax
 from absl import logging
@@ -26,29 +28,94 @@ _LIBRARY_FILTER = _DropLibraryInfo()
 
 
 def quiet_library_logs() -> None:
-  """Drops INFO logs of the checkpoint library; warnings and errors still show."""
+  """Drops INFO logs of the checkpoint library and JAX's probe for backends that are not
+  there ("Unable to initialize backend 'tpu'" on every CPU or GPU run); warnings and
+  errors still show."""
   std_logging.getLogger('absl').addFilter(_LIBRARY_FILTER)  # adding twice is a no-op
+  std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
 
 
 class MetricsReporter:
-  """Writes scalar metrics to every sink; only process 0 writes files."""
+  """Writes scalar metrics to TensorBoard and metrics.jsonl, from process 0 only (the
+  console gets the trainer's own lines, so nothing is printed twice)."""
 
   def __init__(self, workdir: str):
-    self._is_writer = jax.process_index() == 0
-    self._writer = metric_writers.create_default_writer(
-        workdir, just_logging=not self._is_writer)
+    self._writer = None
+    if jax.process_index() == 0:
+      self._writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
     self._jsonl_path = os.path.join(workdir, 'metrics.jsonl')
 
-  def write(self, step: int, scalars: Mapping[str, float]) -> None:
-    scalars = {k: float(v) for k, v in scalars.items()}
-    self._writer.write_scalars(step, scalars)
-    if self._is_writer:
-      with open(self._jsonl_path, 'a') as f:
-        f.write(json.dumps({'step': int(step), **scalars}) + '\n')
+  def write(self, step: int, scalars: Mapping[str, float | int]) -> None:
+    if self._writer is None:
+      return
+    self._writer.write_scalars(step, {k: float(v) for k, v in scalars.items()})
+    exact = {k: v if isinstance(v, int) else float(v) for k, v in scalars.items()}
+    with open(self._jsonl_path, 'a') as f:
+      f.write(json.dumps({'step': int(step), **exact}) + '\n')
 
   def close(self) -> None:
-    self._writer.flush()
-    self._writer.close()
+    if self._writer is not None:
+      self._writer.flush()
+      self._writer.close()
+
+
+# Where a training loop's wall time goes; the rest (logging, the loop itself) is "other".
+PHASES = ('input', 'step', 'eval', 'checkpoint')
+# Above this share of the time waiting for input batches, a run is input-bound.
+INPUT_BOUND_SHARE = 0.1
+
+
+class PhaseTimes:
+  """Wall time by phase between two reports: waiting for input, train steps, evaluation,
+  checkpointing. A train step's time is counted where the host waits for its result."""
+
+  def __init__(self):
+    self._since = time.perf_counter()
+    self._spent = dict.fromkeys(PHASES, 0.0)
+
+  @contextlib.contextmanager
+  def phase(self, name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._spent[name] += time.perf_counter() - start
+
+  def shares(self) -> dict[str, float]:
+    """`{'time_input': share, ...}` of the wall time since the last call, which starts
+    the next interval."""
+    now = time.perf_counter()
+    total = max(now - self._since, 1e-9)
+    shares = {f'time_{name}': spent / total for name, spent in self._spent.items()}
+    self._since, self._spent = now, dict.fromkeys(PHASES, 0.0)
+    return shares
+
+
+def describe_shares(shares: Mapping[str, float]) -> str:
+  """"input 3% step 95% eval 0% checkpoint 2%"."""
+  return ' '.join(f'{name[len("time_"):]} {share:.0%}' for name, share in shares.items())
+
+
+class InputBoundWarning:
+  """Says once per run, when waiting for input takes more than INPUT_BOUND_SHARE of an
+  interval (not the first, which includes compilation), what to try."""
+
+  def __init__(self):
+    self._said = False
+    self._intervals = 0
+
+  def check(self, shares: Mapping[str, float]) -> None:
+    self._intervals += 1
+    share = shares['time_input']
+    if self._said or self._intervals == 1 or share <= INPUT_BOUND_SHARE:
+      return
+    self._said = True
+    logging.warning(
+        'The run is input-bound: %.0f%% of the time since the last log went to waiting '
+        'for input batches, so the accelerators idle. Try a host with more CPU cores per '
+        'accelerator (decoding runs on all of them), data on a faster local disk (tfds '
+        'array_record files), smaller training images (config.image_size), or fewer '
+        'expensive augmentations.', 100 * share)
 
 
 def format_duration(seconds: float) -> str:
@@ -67,6 +134,7 @@ class ProgressLine:
     self._last_step = start_step
     self._last_time = time.perf_counter()
     self._measured = False
+    self.images_per_sec = 0.0  # over the last interval
 
   def __call__(self, step: int, loss: float, learning_rate: float) -> str:
     now = time.perf_counter()
@@ -74,6 +142,7 @@ class ProgressLine:
     seconds_per_step = (now - self._last_time) / steps
     self._last_step, self._last_time = step, now
     images_per_sec = self._batch_size / seconds_per_step if seconds_per_step else 0.0
+    self.images_per_sec = images_per_sec
     # The first interval includes compilation, so it says nothing about the pace.
     left = (f'{format_duration((self._total - step) * seconds_per_step)} left'
             if self._measured else 'includes compilation')

@@ -105,7 +105,7 @@ def mean_eval_metrics(sums: dict) -> dict[str, float]:
     raise ValueError('The evaluation saw no examples (every batch was padding).')
   results = {f'eval_{name}': float(total) / count
              for name, total in sums.items() if name != 'count'}
-  results['eval_count'] = count
+  results['eval_count'] = int(count)
   return results
 
 

@@ -19,12 +19,14 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from resnext_jax.data import pipeline
+from resnext_jax.data.prefetch import DevicePrefetcher
 from resnext_jax.data.dataset import DatasetInfo
 from resnext_jax.data.preprocessing import EVAL_CROP_FRACTION, check_eval_preprocessing
 from resnext_jax.model.resnext import ResNeXt, init_variables
 from resnext_jax.ops.impl import describe_choice
 from resnext_jax.training import checkpoints, optim, sharding, steps
-from resnext_jax.training.reporting import MetricsReporter, ProgressLine, quiet_library_logs
+from resnext_jax.training.reporting import (InputBoundWarning, MetricsReporter, PhaseTimes,
+                                            ProgressLine, describe_shares, quiet_library_logs)
 from resnext_jax.training.variables import build_model, initial_variables
 from resnext_jax.weights import registry
 
@@ -70,7 +72,7 @@ def _create_context(config: ml_collections.ConfigDict, workdir: str) -> RunConte
   tx = optim.create_optimizer(config, learning_rate_fn)
   overrides = f' with {config.model.to_dict()}' if config.model else ''
   logging.info('Model %s%s (%s classes, %s compute, conv_impl=%s) on %d devices; %s',
-               config.arch, overrides, num_classes, config.dtype,
+               config.arch, overrides, num_classes, jnp.dtype(model.dtype).name,
                describe_choice(config.conv_impl), mesh.devices.size, schedule)
   jitted = steps.jit_steps(model, tx, mesh, learning_rate_fn=learning_rate_fn,
                            label_smoothing=config.label_smoothing)
@@ -267,22 +269,27 @@ def _train(run: RunContext) -> dict[str, float]:
   train_iter = pipeline.create_train_iterator(config, start_step=start_step)
   if data_position is not None:
     train_iter.set_state(data_position)
-  progress = ProgressLine(schedule.total_steps, config.batch_size, start_step)
+  log = _TrainLog(run, start_step)
   metrics = _StepMetrics(run, start_step if ckpts.latest_step() is not None else None)
   final_metrics: dict[str, float] = {}
 
-  def save(step):
-    metrics.check(step)  # never checkpoint a diverged state
-    ckpts.save(step, state, train_iter.get_state())
+  def save(step, batches):
+    with log.times.phase('step'):
+      metrics.check(step)  # never checkpoint a diverged state
+    with log.times.phase('checkpoint'):
+      ckpts.save(step, state, batches.get_state())  # the next batch a step would take
     metrics.last_saved = step
 
-  with StopSignal() as stop:
+  to_device = lambda batch: pipeline.make_global_batch(batch, run.batch_sharding)
+  with StopSignal() as stop, DevicePrefetcher(train_iter, to_device) as batches:
     for step in range(start_step + 1, schedule.total_steps + 1):
-      batch = pipeline.make_global_batch(next(train_iter), run.batch_sharding)
-      state, step_metrics = run.jitted.train(state, batch)
+      with log.times.phase('input'):
+        batch = next(batches)
+      with log.times.phase('step'):
+        state, step_metrics = run.jitted.train(state, batch)
       metrics.add(step_metrics)
       if stop.requested():
-        save(step)
+        save(step, batches)
         ckpts.wait()
         logging.warning('SIGTERM received: saved a checkpoint at step %d in %s and '
                         'stopped. Rerun the same command to continue.', step,
@@ -290,13 +297,15 @@ def _train(run: RunContext) -> dict[str, float]:
         return {'stopped_at_step': step}
       is_last = step == schedule.total_steps
       if step % config.log_every_steps == 0 or is_last:
-        metrics.check(step)
-        _log_training(run, progress, step, metrics.logged)
+        with log.times.phase('step'):
+          metrics.check(step)
+        log.write(step, metrics.logged)
         metrics.logged.clear()
       if step % config.checkpoint_every_steps == 0 or is_last:
-        save(step)
+        save(step, batches)
       if step % schedule.eval_every_steps == 0 or is_last:
-        final_metrics = _evaluate_and_report(run, state, step)
+        with log.times.phase('eval'):
+          final_metrics = _evaluate_and_report(run, state, step)
 
   ckpts.wait()
   logging.info('Done. Checkpoints: %s; TensorBoard logs and metrics.jsonl: %s',
@@ -304,11 +313,25 @@ def _train(run: RunContext) -> dict[str, float]:
   return final_metrics
 
 
-def _log_training(run: RunContext, progress: ProgressLine, step: int,
-                  logged: list[dict]) -> None:
-  """Writes the mean train metrics since the last log and prints the progress line."""
-  loss = float(np.mean([m['loss'] for m in logged]))
-  learning_rate = float(logged[-1]['learning_rate'])
-  run.reporter.write(step, {'train_loss': loss, 'learning_rate': learning_rate,
-                            'train_top1': float(np.mean([m['top1'] for m in logged]))})
-  logging.info(progress(step, loss, learning_rate))
+class _TrainLog:
+  """Each log step's console line and metrics: the mean train metrics since the last
+  one, the speed, and where the wall time went (and, once, whether input held it up)."""
+
+  def __init__(self, run: RunContext, start_step: int):
+    self._run = run
+    self._progress = ProgressLine(run.schedule.total_steps, run.config.batch_size,
+                                  start_step)
+    self.times = PhaseTimes()
+    self._input_bound = InputBoundWarning()
+
+  def write(self, step: int, logged: list[dict]) -> None:
+    loss = float(np.mean([m['loss'] for m in logged]))
+    learning_rate = float(logged[-1]['learning_rate'])
+    shares = self.times.shares()
+    line = self._progress(step, loss, learning_rate)
+    self._run.reporter.write(step, {
+        'train_loss': loss, 'learning_rate': learning_rate,
+        'train_top1': float(np.mean([m['top1'] for m in logged])),
+        'images_per_sec': self._progress.images_per_sec, **shares})
+    logging.info('%s | %s', line, describe_shares(shares))
+    self._input_bound.check(shares)

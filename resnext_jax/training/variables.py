@@ -15,10 +15,22 @@ from resnext_jax.training import checkpoints
 HEAD_PREFIX = 'params/fc/'
 
 
+def compute_dtype(name: str) -> str:
+  """config.dtype resolved for this backend: 'auto' is bfloat16 on GPU and TPU, float32
+  on CPU."""
+  if name == 'auto':
+    return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f"config.dtype={name!r}; use 'auto', 'float32' or 'bfloat16'.")
+  return name
+
+
 def build_model(config, num_classes: int) -> ResNeXt:
-  """The configured ResNeXt, with `config.conv_impl` resolved for this backend."""
+  """The configured ResNeXt, with `config.conv_impl` and `config.dtype` resolved for this
+  backend."""
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.items()}
-  return create_model(config.arch, num_classes=num_classes, dtype=jnp.dtype(config.dtype),
+  return create_model(config.arch, num_classes=num_classes,
+                      dtype=jnp.dtype(compute_dtype(config.dtype)),
                       conv_impl=resolve_impl(config.conv_impl),
                       zero_init_residual=config.zero_init_residual, **overrides)
 

@@ -1,7 +1,9 @@
 """The main job end to end: train.py, configs, checkpoints, resume, SIGTERM, NaN, finetuning."""
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -14,7 +16,9 @@ import torchvision
 from configs import resnext50
 from resnext_jax import convert
 from resnext_jax.model.resnext import ResNeXt
-from resnext_jax.training import checkpoints, trainer
+from resnext_jax.data import pipeline
+from resnext_jax.training import checkpoints, steps, trainer
+from resnext_jax.training.reporting import INPUT_BOUND_SHARE, PHASES
 from tests import helpers
 from tests.helpers import (ROOT, TINY_MODEL, config_with, leaves, read_metrics, tiny_config,
                            train_command)
@@ -198,3 +202,51 @@ def test_registered_weights_are_evaluated_as_their_publisher_did():
   assert resize_and_interpolation(eval_only=True, init_from=ra) == (236, 'bicubic')  # 303/288
   assert resize_and_interpolation(eval_only=True, init_from=tv2, eval_resize_size=240,
                                   eval_interpolation='bicubic') == (240, 'bicubic')
+
+
+def test_a_slow_input_pipeline_is_named_once_and_time_shares_are_logged(
+    shapes_dir, tmp_path, monkeypatch, caplog):
+  original = pipeline.TrainIterator.__next__
+
+  def slow(self):
+    time.sleep(0.25)  # a stuck disk or too few host cores
+    return original(self)
+
+  monkeypatch.setattr(pipeline.TrainIterator, '__next__', slow)
+  workdir = str(tmp_path / 'run')
+  with caplog.at_level(logging.INFO):
+    trainer.train_and_evaluate(tiny_config(shapes_dir, num_train_steps=8, log_every_steps=2,
+                                           eval_every_steps=100, checkpoint_every_steps=100),
+                               workdir)
+  messages = [r.getMessage() for r in caplog.records]
+  assert sum('The run is input-bound' in m for m in messages) == 1, messages
+  progress = [m for m in messages if m.startswith('step ')]
+  assert len(progress) == 4 and all(re.search(r'\| input \d+% step \d+% eval \d+% '
+                                              r'checkpoint \d+%$', m) for m in progress)
+  assert not any('train_loss=' in m for m in messages)  # no second copy of each write
+  train = [r for r in read_metrics(workdir) if 'train_loss' in r]
+  assert all(r['time_input'] > INPUT_BOUND_SHARE for r in train[1:])
+  assert max(r['time_input'] for r in train) > 0.5
+  assert all(0 < sum(r[f'time_{p}'] for p in PHASES) <= 1 + 1e-6 for r in train)
+  evaluation = [m for m in messages if m.startswith('Evaluation at step 8')]
+  assert evaluation and evaluation[0].endswith('eval_count 500')  # a count, not 500.0000
+
+
+def test_a_run_that_waits_for_its_steps_is_not_called_input_bound(
+    shapes_dir, tmp_path, monkeypatch, caplog):
+  jit_steps = steps.jit_steps
+
+  def slow_steps(*args, **kwargs):  # a step that takes longer than decoding a batch
+    jitted = jit_steps(*args, **kwargs)
+    return steps.JittedSteps(train=lambda *a: time.sleep(0.3) or jitted.train(*a),
+                             eval=jitted.eval)
+
+  monkeypatch.setattr(steps, 'jit_steps', slow_steps)
+  workdir = str(tmp_path / 'run')
+  with caplog.at_level(logging.WARNING):
+    trainer.train_and_evaluate(tiny_config(shapes_dir, num_train_steps=8, log_every_steps=2,
+                                           eval_every_steps=100, checkpoint_every_steps=100),
+                               workdir)
+  assert not any('input-bound' in r.getMessage() for r in caplog.records)
+  train = [r for r in read_metrics(workdir) if 'train_loss' in r]
+  assert all(r['time_step'] > 0.5 for r in train[1:])

@@ -1,4 +1,4 @@
-"""Loading pretrained variables into the configured model: a new head, nothing else."""
+"""The configured model (compute dtype) and its first variables: a new head, nothing else."""
 
 import jax
 import numpy as np
@@ -36,3 +36,11 @@ def test_merge_pretrained_refuses_a_different_backbone():
   target = init_variables(ResNeXt(num_classes=3, **wider), jax.random.PRNGKey(2), 32)
   with pytest.raises(ValueError, match=r'checkpoint \(8,\), this config \(16,\)'):
     variables.merge_pretrained(jax.device_get(target), jax.device_get(source), 'SRC')
+
+
+def test_the_compute_dtype_follows_the_backend():
+  assert jax.default_backend() == 'cpu'
+  assert variables.compute_dtype('auto') == 'float32'  # bfloat16 on GPU and TPU
+  assert variables.compute_dtype('bfloat16') == 'bfloat16'
+  with pytest.raises(ValueError, match=r"config.dtype='float16'; use 'auto'"):
+    variables.compute_dtype('float16')
