@@ -80,7 +80,7 @@ def test_end_to_end_runs_the_trainer_loop_against_the_step_alone():
       capture_output=True, text=True, env=env, timeout=900, check=False)
   assert result.returncode == 0, result.stdout + result.stderr
   lines = result.stdout.strip().splitlines()
-  assert re.match(r'end_to_end_images_per_sec=\d+\.\d+ \(steps 2-3 of the trainer loop; '
+  assert re.match(r'end_to_end_images_per_sec=\d+\.\d+ \(steps 3-4 of the trainer loop; '
                   r'time shares: input \d\.\d{3}, step', lines[-4]), lines[-4]
   assert re.fullmatch(r'synthetic_images_per_sec=\d+\.\d+', lines[-3])
   share = float(re.fullmatch(r'input_wait_share=(\d\.\d+)', lines[-2])[1])

@@ -281,12 +281,19 @@ def _train(run: RunContext) -> dict[str, float]:
     metrics.last_saved = step
 
   to_device = lambda batch: pipeline.make_global_batch(batch, run.batch_sharding)
+  # On an accelerator the next step is dispatched while the current one runs, so the
+  # device never waits for the host. On a CPU that only makes two steps' scratch buffers
+  # live at once: the heap grows and every step faults in fresh pages for a while
+  # (docs/performance.md), so there each step is finished before the next starts.
+  one_step_at_a_time = jax.default_backend() == 'cpu'
   with StopSignal() as stop, DevicePrefetcher(train_iter, to_device) as batches:
     for step in range(start_step + 1, schedule.total_steps + 1):
       with log.times.phase('input'):
         batch = next(batches)
       with log.times.phase('step'):
         state, step_metrics = run.jitted.train(state, batch)
+        if one_step_at_a_time:
+          jax.block_until_ready(step_metrics)
       metrics.add(step_metrics)
       if stop.requested():
         save(step, batches)
