@@ -12,6 +12,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from resnext_jax.cache import atomic_file
 from resnext_jax.data.dataset import DatasetInfo, Source, Split, numpy_load
 from resnext_jax.data.preprocessing import decode_image
 
@@ -154,8 +155,6 @@ def _read_json(path: str) -> dict[str, Any]:
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
   """Writes atomically, so that concurrent processes never read half a file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(data, f)
-  os.replace(tmp, path)
+  with atomic_file(path) as partial:
+    with open(partial, 'w') as f:
+      json.dump(data, f)

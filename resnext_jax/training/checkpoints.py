@@ -27,6 +27,8 @@ from etils import epath
 import numpy as np
 import orbax.checkpoint as ocp
 
+from resnext_jax.cache import atomic_file
+
 VARIABLES_ITEM = 'variables'
 CHECKPOINTS_DIR = 'checkpoints'
 STATE_ITEM = 'state'
@@ -66,8 +68,7 @@ def save_variables(variables: dict, directory: str, *, model_info: dict[str, Any
     checkpointer.save(os.path.join(staging, VARIABLES_ITEM),
                       jax.tree.map(np.asarray, variables))
     checkpointer.wait_until_finished()
-    with open(os.path.join(staging, MODEL_INFO_FILE), 'w') as f:
-      json.dump(model_info, f, indent=2)
+    write_model_info(staging, model_info)
     os.chmod(staging, 0o755)  # mkdtemp's 0700 would lock out others sharing a cache
     if os.path.exists(directory):
       shutil.rmtree(directory)
@@ -88,10 +89,9 @@ def read_model_info(directory: str) -> dict[str, Any] | None:
 
 def write_model_info(directory: str, model_info: dict[str, Any]) -> None:
   """Writes `model.json` into `directory` atomically (a reader never sees half a file)."""
-  path = os.path.join(directory, MODEL_INFO_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(model_info, f, indent=2)
-  os.replace(path + '.tmp', path)
+  with atomic_file(os.path.join(directory, MODEL_INFO_FILE)) as partial:
+    with open(partial, 'w') as f:
+      json.dump(model_info, f, indent=2)
 
 
 def find_model_info(path: str) -> dict[str, Any] | None:
