@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnext_jax.data.image_folder import IMAGE_EXTENSIONS
-from resnext_jax.data.preprocessing import EVAL_CROP_FRACTION
+from resnext_jax.data.preprocessing import default_resize_size
 from resnext_jax.model.resnext import ResNeXt, normalize_images
 from resnext_jax.pretrained import PretrainedInfo, load_pretrained
 
@@ -45,7 +45,7 @@ class Predictor:
     self.info = info
     self.batch_size = batch_size
     self.image_size = info.crop or 224
-    self.resize_size = info.resize or round(self.image_size / EVAL_CROP_FRACTION)
+    self.resize_size = info.resize or default_resize_size(self.image_size)
     self.class_names = info.class_names or tuple(
         f'class {i}' for i in range(info.num_classes))
     self._probabilities = jax.jit(lambda v, x: jax.nn.softmax(

@@ -39,7 +39,7 @@ import tensorflow as tf
 from resnext_jax.data import shapes
 from resnext_jax.data.dataset import DatasetInfo, Source
 from resnext_jax.data.image_folder import image_folder_source
-from resnext_jax.data.preprocessing import (EVAL_CROP_FRACTION, check_eval_preprocessing,
+from resnext_jax.data.preprocessing import (check_eval_preprocessing, default_resize_size,
                                             preprocess_eval, preprocess_train)
 from resnext_jax.data.tfds_source import tfds_source
 
@@ -161,11 +161,10 @@ def _eval_iterator(config, *, process_index: int, process_count: int,
                    interpolation: str | None = None) -> Iterator[dict[str, np.ndarray]]:
   split = get_source(config).splits[config.eval_split]
   configured = config.get('eval_resize_size', -1)
-  resize_size = resize_size or (configured if configured > 0 else None)
+  resize_size = resize_size or (configured if configured > 0 else
+                                default_resize_size(config.image_size))
   interpolation = interpolation or config.get('eval_interpolation', '') or 'bilinear'
-  check_eval_preprocessing(config.image_size,
-                           resize_size or round(config.image_size / EVAL_CROP_FRACTION),
-                           interpolation)
+  check_eval_preprocessing(config.image_size, resize_size, interpolation)
   global_batch = config.eval_batch_size
   local_batch = _local_batch_size(global_batch, process_count, 'config.eval_batch_size')
   image_size = config.image_size

@@ -53,6 +53,11 @@ def preprocess_eval(encoded: tf.Tensor, *, image_size: int, resize_size: int | N
                      interpolation=interpolation)
 
 
+def default_resize_size(image_size: int) -> int:
+  """The eval resize when none is given: image_size / 0.875 (256 for 224)."""
+  return round(image_size / EVAL_CROP_FRACTION)
+
+
 def check_eval_preprocessing(image_size: int, resize_size: int, interpolation: str) -> None:
   """Refuses settings that `preprocess_eval` cannot follow, naming the config field."""
   if interpolation not in ('bilinear', 'bicubic'):
@@ -67,7 +72,7 @@ def center_crop(image: tf.Tensor, *, image_size: int, resize_size: int | None = 
                 interpolation: str = 'bilinear') -> tf.Tensor:
   """`preprocess_eval` of a decoded uint8 [h, w, 3] image."""
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  short_side = resize_size or round(image_size / EVAL_CROP_FRACTION)
+  short_side = resize_size or default_resize_size(image_size)
   new_shape = tf.cast(tf.round(shape * (short_side / tf.reduce_min(shape))), tf.int32)
   new_shape = tf.maximum(new_shape, short_side)  # Guards the short side against rounding.
   image = tf.image.resize(image, new_shape, method=interpolation)

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from resnext_jax.data import pipeline
 from resnext_jax.data.prefetch import DevicePrefetcher
 from resnext_jax.data.dataset import DatasetInfo
-from resnext_jax.data.preprocessing import EVAL_CROP_FRACTION, check_eval_preprocessing
+from resnext_jax.data.preprocessing import check_eval_preprocessing, default_resize_size
 from resnext_jax.model.resnext import ResNeXt, init_variables
 from resnext_jax.ops.impl import describe_choice
 from resnext_jax.training import checkpoints, optim, sharding, steps
@@ -95,7 +95,7 @@ def _eval_preprocessing(config: ml_collections.ConfigDict) -> tuple[int, str]:
   if resize <= 0 and entry is not None:
     resize = round(entry.resize * config.image_size / entry.crop)
   elif resize <= 0:
-    resize = round(config.image_size / EVAL_CROP_FRACTION)
+    resize = default_resize_size(config.image_size)
   interpolation = config.eval_interpolation or (entry.interpolation if entry else 'bilinear')
   check_eval_preprocessing(config.image_size, resize, interpolation)
   if entry is not None:
