@@ -67,11 +67,14 @@ def load_pretrained(name_or_url: str, *, arch: str | ResNeXt | None = None,
     if isinstance(arch, str):
       info = {**info, 'arch': arch}
     return variables, _info(source, info, variables, entry)
-  path, key = _fetch(source, entry, sha256)
+  key = _cache_key(source, entry)
   if isinstance(arch, ResNeXt):
     key += '-' + hashlib.sha1(repr(_overrides_of(arch)).encode()).hexdigest()[:8]
   converted = os.path.join(download.cache_dir(), 'converted', f'{_CACHE_FORMAT}-{key}')
-  if os.path.isdir(os.path.join(converted, checkpoints.VARIABLES_ITEM)):
+  cached = os.path.isdir(os.path.join(converted, checkpoints.VARIABLES_ITEM))
+  if not cached or sha256:  # a cached conversion needs its file again only to check sha256=
+    path = _fetch(source, entry, sha256)
+  if cached:
     variables = checkpoints.load_variables(converted)
     info = checkpoints.read_model_info(converted)
     return variables, _info(source, info, variables, entry)
@@ -89,19 +92,21 @@ def load_pretrained(name_or_url: str, *, arch: str | ResNeXt | None = None,
   return variables, _info(source, info, variables, entry)
 
 
-def _fetch(source: str, entry: registry.WeightsEntry | None, sha256: str | None):
-  """(local file, cache key) for a registered entry, a URL or a file."""
-  downloads = os.path.join(download.cache_dir(), 'downloads')
+def _is_url(source: str) -> bool:
+  return urllib.parse.urlparse(source).scheme in ('http', 'https', 'file')
+
+
+def _download_name(source: str) -> str:
+  """A URL's file name in the downloads cache, prefixed by a tag of the whole URL."""
+  return f'{hashlib.sha1(source.encode()).hexdigest()[:12]}-{download.file_name(source)}'
+
+
+def _cache_key(source: str, entry: registry.WeightsEntry | None) -> str:
+  """The name of a registered entry's, a URL's or a file's conversion in the cache."""
   if entry is not None:
-    name = download.file_name(entry.url)
-    path = download.fetch(download.mirrored(entry.url), os.path.join(downloads, name),
-                          sha256=entry.sha256)
-    return path, f'{entry.name}-{entry.sha256}'
-  if urllib.parse.urlparse(source).scheme in ('http', 'https', 'file'):
-    name = download.file_name(source)
-    tag = hashlib.sha1(source.encode()).hexdigest()[:12]
-    path = download.fetch(source, os.path.join(downloads, f'{tag}-{name}'), sha256=sha256)
-    return path, f'{tag}-{name}'
+    return f'{entry.name}-{entry.sha256}'
+  if _is_url(source):
+    return _download_name(source)
   path = os.path.expanduser(source)
   if not os.path.isfile(path):
     if '/' not in source and '.' in source:
@@ -110,24 +115,41 @@ def _fetch(source: str, entry: registry.WeightsEntry | None, sha256: str | None)
                      'existing file or directory. Registered: '
                      f'{", ".join(registry.REGISTRY)}.')
   stat = os.stat(path)
-  if sha256 and not download.sha256_of(path).startswith(sha256.lower()):
-    raise download.DownloadError(f'{path} has sha256 {download.sha256_of(path)}, but '
-                                 f'{sha256} was expected.')
   tag = hashlib.sha1(f'{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}'.encode())
-  return path, f'{tag.hexdigest()[:12]}-{os.path.basename(path)}'
+  return f'{tag.hexdigest()[:12]}-{os.path.basename(path)}'
+
+
+def _fetch(source: str, entry: registry.WeightsEntry | None, sha256: str | None) -> str:
+  """The local file of a registered entry, a URL (downloaded) or a file, hash-checked."""
+  downloads = os.path.join(download.cache_dir(), 'downloads')
+  if entry is not None:
+    return download.fetch(download.mirrored(entry.url),
+                          os.path.join(downloads, download.file_name(entry.url)),
+                          sha256=entry.sha256)
+  if _is_url(source):
+    return download.fetch(source, os.path.join(downloads, _download_name(source)),
+                          sha256=sha256)
+  path = os.path.expanduser(source)
+  if sha256:
+    digest = download.sha256_of(path)
+    if not digest.startswith(sha256.lower()):
+      raise download.DownloadError(f'{path} has sha256 {digest}, but {sha256} was '
+                                   'expected.')
+  return path
 
 
 def _convert(path, arch, source, entry) -> tuple[dict, dict]:
   """Converts the PyTorch/safetensors file at `path`: (variables, model.json contents)."""
   state_dict = convert.read_torch_file(path)
+  weights = convert.normalize_keys(state_dict)
   if arch is None:
-    arch = convert.describe_weights(convert.normalize_keys(state_dict))
+    arch = convert.describe_weights(weights)
     if arch not in ARCHS:
       raise convert.ConversionError(f'Cannot tell the arch of {source}: it looks like '
                                     f'{arch}. Pass arch=... (a name or a ResNeXt module).')
   extra = {}
   if isinstance(arch, ResNeXt):  # a custom size: keep it, with the weights' class count
-    fc = convert.normalize_keys(state_dict).get('fc.weight')
+    fc = weights.get('fc.weight')
     arch = arch.clone(num_classes=int(fc.shape[0])) if fc is not None else arch
     extra['model'] = _overrides_of(arch)
   variables = convert.convert_state_dict(state_dict, arch)
