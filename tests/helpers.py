@@ -1,13 +1,17 @@
 """What several test modules share: small real-format data the tests make themselves
 (JPEGs, ImageNet's manual-download tars), PyTorch reference models with random weights,
-and a tiny training run of the quickstart config, in-process or as a train.py command
-line."""
+a tiny training run of the quickstart config, in-process or as a train.py command
+line, and a file server on 127.0.0.1 for the code that downloads."""
 
+import functools
+import http.server
 import io
 import json
 import os
+import socket
 import sys
 import tarfile
+import threading
 
 import jax
 import numpy as np
@@ -118,3 +122,38 @@ def torch_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
 
 def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
+
+
+class FileServer:
+  """A static file server on 127.0.0.1 in a thread; `/truncated/NAME` sends the first half
+  of NAME under the full Content-Length, then closes the connection."""
+
+  def __init__(self, directory):
+    handler = functools.partial(_FileHandler, directory=directory)
+    self._httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    self.url = f'http://127.0.0.1:{self._httpd.server_address[1]}'
+    self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+    self._thread.start()
+
+  def stop(self):
+    self._httpd.shutdown()
+    self._httpd.server_close()
+
+
+class _FileHandler(http.server.SimpleHTTPRequestHandler):
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    if not self.path.startswith('/truncated/'):
+      return super().do_GET()
+    with open(os.path.join(self.directory, self.path[len('/truncated/'):]), 'rb') as f:
+      data = f.read()
+    self.send_response(200)
+    self.send_header('Content-Length', str(len(data)))
+    self.end_headers()
+    self.wfile.write(data[:len(data) // 2])
+    self.wfile.flush()
+    self.close_connection = True
+    self.connection.shutdown(socket.SHUT_RDWR)
+
+  def log_message(self, *args):  # keep the test output quiet
+    pass

@@ -1,12 +1,9 @@
 """load_pretrained over real HTTP (a server on 127.0.0.1): parity, caching, every failure."""
 
-import functools
 import hashlib
-import http.server
 import os
 import shutil
 import socket
-import threading
 
 import numpy as np
 import pytest
@@ -16,42 +13,8 @@ import torchvision
 from resnext_jax import pretrained
 from resnext_jax.model import resnext
 from resnext_jax.weights import download, registry
-from tests.helpers import ROOT, random_images, randomized, tiny_config, torch_logits
-
-
-class _Server:
-  """A static file server on 127.0.0.1 in a thread; `/truncated/NAME` sends the first half
-  of NAME under the full Content-Length, then closes the connection."""
-
-  def __init__(self, directory):
-    handler = functools.partial(_Handler, directory=directory)
-    self._httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
-    self.url = f'http://127.0.0.1:{self._httpd.server_address[1]}'
-    self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-    self._thread.start()
-
-  def stop(self):
-    self._httpd.shutdown()
-    self._httpd.server_close()
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-
-  def do_GET(self):  # pylint: disable=invalid-name
-    if not self.path.startswith('/truncated/'):
-      return super().do_GET()
-    with open(os.path.join(self.directory, self.path[len('/truncated/'):]), 'rb') as f:
-      data = f.read()
-    self.send_response(200)
-    self.send_header('Content-Length', str(len(data)))
-    self.end_headers()
-    self.wfile.write(data[:len(data) // 2])
-    self.wfile.flush()
-    self.close_connection = True
-    self.connection.shutdown(socket.SHUT_RDWR)
-
-  def log_message(self, *args):  # keep the test output quiet
-    pass
+from tests.helpers import (ROOT, FileServer, random_images, randomized, tiny_config,
+                           torch_logits)
 
 
 @pytest.fixture(scope='module')
@@ -62,7 +25,7 @@ def served(tmp_path_factory):
   torch.save(model.state_dict(), directory / 'resnext50_random.pth')
   # The mirror test serves it under a registered file name, which fails that hash.
   shutil.copy(directory / 'resnext50_random.pth', directory / 'resnext50_32x4d-1a0047aa.pth')
-  server = _Server(str(directory))
+  server = FileServer(str(directory))
   yield server, model, str(directory / 'resnext50_random.pth')
   server.stop()
 
@@ -82,7 +45,7 @@ def _cached_files(cache):
 @pytest.mark.slow
 def test_a_url_gives_torchvisions_logits_and_then_comes_from_the_cache(served, cache):
   _, torch_model, path = served
-  server = _Server(os.path.dirname(path))  # its own server, to stop half-way
+  server = FileServer(os.path.dirname(path))  # its own server, to stop half-way
   url = f'{server.url}/resnext50_random.pth'
   digest = hashlib.sha256(open(path, 'rb').read()).hexdigest()
   try:
