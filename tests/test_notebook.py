@@ -43,6 +43,15 @@ def test_the_notebook_is_stored_without_outputs():
                                           'finetune'}
 
 
+def test_the_notebook_installs_the_jax_the_tests_run():
+  import jax  # pylint: disable=g-import-not-at-top
+  install = _cells_by_tag(nbformat.read(NOTEBOOK, as_version=4))['install'].source
+  pinned = re.search(r"^JAX_VERSION = '([^']+)'", install, re.MULTILINE)
+  assert pinned and pinned.group(1) == jax.__version__, (
+      f'the notebook installs jax {pinned and pinned.group(1)} on accelerators; these tests '
+      f'run jax {jax.__version__}: set JAX_VERSION in its first cell to the tested release')
+
+
 def test_the_readme_links_the_notebook_in_colab():
   with open(os.path.join(ROOT, 'README.md')) as f:
     readme = f.read()
