@@ -5,7 +5,8 @@
 Generates ImageNet-like JPEGs (500x375, about 80 KB) in a temporary image folder, then
 alternately times the bare loop (read file, `sample_distorted_bounding_box`,
 `decode_and_crop_jpeg`, resize, flip, batch: the least a JPEG training pipeline does) and
-our training iterator over the same files (the folder preparation is not timed). Each is
+our training iterator over the same files (the folder preparation is not timed), with
+the recipe's host augmentations if asked for (--auto_augment, --random_erasing). Each is
 timed `--rounds` times and its best run counts, which damps the noise of a shared machine;
 images per CPU-second of this process are printed too, a second view that other load on the
 machine moves less. The last line is `images_per_sec=<float>` for our pipeline.
@@ -81,18 +82,28 @@ def main() -> None:
   parser.add_argument('--batches', type=int, default=30, help='timed batches per run')
   parser.add_argument('--rounds', type=int, default=3, help='timed runs of each; best counts')
   parser.add_argument('--num_files', type=int, default=256)
+  parser.add_argument('--auto_augment', default='',
+                      help="the recipe's host augmentation: 'trivial_augment_wide' or "
+                           "'rand_augment' (config.auto_augment)")
+  parser.add_argument('--random_erasing', type=float, default=0.0,
+                      help='the chance of an erased box (config.random_erasing)')
   args = parser.parse_args()
 
   with tempfile.TemporaryDirectory() as root:
     paths = write_images(os.path.join(root, 'train'), args.num_files)
     write_images(os.path.join(root, 'validation'), 2, seed=1)
     mean_kb = np.mean([os.path.getsize(p) for p in paths]) / 1e3
+    extra = ''.join(f', {k} {v}' for k, v in (('auto_augment', args.auto_augment),
+                                               ('random_erasing', args.random_erasing)) if v)
     print(f'{len(paths)} JPEGs of {_WIDTH}x{_HEIGHT}, {mean_kb:.0f} KB on average; '
-          f'batch {args.batch_size}, image size {args.image_size}, {os.cpu_count()} CPUs')
+          f'batch {args.batch_size}, image size {args.image_size}{extra}, '
+          f'{os.cpu_count()} CPUs')
     config = ml_collections.ConfigDict(dict(
         dataset=pipeline.IMAGE_FOLDER, data_dir=root, train_split='train',
         eval_split='validation', batch_size=args.batch_size, eval_batch_size=args.batch_size,
-        image_size=args.image_size, seed=0, cache_dir=os.path.join(root, 'cache')))
+        image_size=args.image_size, seed=0, cache_dir=os.path.join(root, 'cache'),
+        auto_augment=args.auto_augment, rand_augment_num_ops=2, rand_augment_magnitude=9,
+        random_erasing=args.random_erasing))
     pipeline.get_dataset_info(config)  # Preparation (a scan) is not timed.
 
     bare, ours = [], []

@@ -52,9 +52,10 @@ class Predictor:
         model.apply(v, normalize_images(x, model.dtype), train=False), axis=-1))
 
   @classmethod
-  def from_pretrained(cls, source: str, **kwargs) -> 'Predictor':
-    """A predictor for anything `load_pretrained` takes (`kwargs`: batch_size)."""
-    variables, info = load_pretrained(source)
+  def from_pretrained(cls, source: str, *, ema: bool = False, **kwargs) -> 'Predictor':
+    """A predictor for anything `load_pretrained` takes (`ema`: a training workdir's
+    moving average of the weights; `kwargs`: batch_size)."""
+    variables, info = load_pretrained(source, ema=ema)
     return cls(info.create_model(), variables, info, **kwargs)
 
   def preprocess(self, encoded: bytes) -> np.ndarray:
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--top_k', type=int, default=5)
   parser.add_argument('--json', action='store_true', help='one JSON object per line')
   parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--ema', action='store_true',
+                      help="a training workdir's moving average of the weights "
+                           '(a run with config.ema_decay > 0)')
   parser.add_argument('images', nargs='+', help='image files or folders')
   args = parser.parse_args(argv)
   paths = image_paths(args.images)
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 1
   try:
-    predictor = Predictor.from_pretrained(args.weights, batch_size=args.batch_size)
+    predictor = Predictor.from_pretrained(args.weights, ema=args.ema,
+                                          batch_size=args.batch_size)
   except (ValueError, RuntimeError) as e:  # names, downloads, conversions, checkpoints
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -51,22 +51,26 @@ class PretrainedInfo:
 
 
 def load_pretrained(name_or_url: str, *, arch: str | ResNeXt | None = None,
-                    sha256: str | None = None) -> tuple[dict, PretrainedInfo]:
+                    sha256: str | None = None, ema: bool = False) -> tuple[dict, PretrainedInfo]:
   """`({'params', 'batch_stats'}, info)` of the weights `name_or_url` names.
 
   `arch` (a name from ARCHS or a ResNeXt module) is detected from the weights unless
-  given; `sha256` (a digest or its prefix) checks a URL's or file's contents. Raises
+  given; `sha256` (a digest or its prefix) checks a URL's or file's contents; `ema` takes
+  a training workdir's moving average of the weights instead of the weights. Raises
   `download.DownloadError`, `convert.ConversionError` or ValueError with what to do.
   """
   source = str(name_or_url)
   entry = registry.REGISTRY.get(source) or registry.BY_URL.get(source)
   local_dir = os.path.expanduser(source)
   if entry is None and os.path.isdir(local_dir):
-    variables = checkpoints.load_variables(local_dir)
+    variables = checkpoints.load_variables(local_dir, ema=ema)
     info = checkpoints.find_model_info(local_dir) or {}
     if isinstance(arch, str):
       info = {**info, 'arch': arch}
     return variables, _info(source, info, variables, entry)
+  if ema:
+    raise ValueError(f'{source} is not a training workdir: only those have a moving '
+                     'average of the weights to load (ema=True).')
   key = _cache_key(source, entry)
   if isinstance(arch, ResNeXt):
     key += '-' + hashlib.sha1(repr(_overrides_of(arch)).encode()).hexdigest()[:8]

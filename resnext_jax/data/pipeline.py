@@ -24,8 +24,9 @@ Why tf.data driven by a stateless sampler, rather than grain or tf.data's shuffl
     [kB + ib, kB + (i+1)b) where b = B / process_count. Processes read disjoint data, and the
     sequence of global batches does not depend on the number of processes.
 
-Preprocessing: `preprocessing.py`; where the records come from: `tfds_source.py`,
-`image_folder.py`, `shapes.py`.
+Preprocessing: `preprocessing.py`, then the recipe's optional augmentations (`augment.py`:
+TrivialAugmentWide / RandAugment, random erasing), seeded from the same (seed, p); where
+the records come from: `tfds_source.py`, `image_folder.py`, `shapes.py`.
 """
 
 import functools
@@ -36,7 +37,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from resnext_jax.data import shapes
+from resnext_jax.data import augment, shapes
 from resnext_jax.data.dataset import DatasetInfo, Source
 from resnext_jax.data.image_folder import image_folder_source
 from resnext_jax.data.preprocessing import (check_eval_preprocessing, default_resize_size,
@@ -132,8 +133,10 @@ def _train_iterator(config, *, start_step: int, process_index: int,
   global_batch = config.batch_size
   local_batch = _local_batch_size(global_batch, process_count, 'config.batch_size')
   seed = int(config.seed)
-  image_size = config.image_size
+  image_size = train_image_size(config)
   min_area = config.get('train_crop_min_area', 0.08)
+  augment_image = _augmentation(config)
+  erasing = config.get('random_erasing', 0.0)
   order = _EpochOrder(split.num_examples, seed)
 
   def make_dataset(examples_seen: int) -> tf.data.Dataset:
@@ -144,6 +147,12 @@ def _train_iterator(config, *, start_step: int, process_index: int,
     def preprocess(position, encoded, label):
       seed_pair = tf.stack([tf.constant(seed, tf.int64), position])
       image = preprocess_train(encoded, seed_pair, image_size=image_size, min_area=min_area)
+      # Each further random choice draws from its own seed, a function of the same pair.
+      if augment_image is not None:
+        image = augment_image(image, tf.random.experimental.stateless_fold_in(seed_pair, 1))
+      if erasing:
+        image = augment.random_erasing(
+            image, tf.random.experimental.stateless_fold_in(seed_pair, 2), erasing)
       return {'image': image, 'label': label}
 
     ds = tf.data.Dataset.counter().map(positions)
@@ -154,6 +163,26 @@ def _train_iterator(config, *, start_step: int, process_index: int,
   return TrainIterator(make_dataset, global_batch=global_batch, seed=seed,
                        num_examples=split.num_examples,
                        examples_seen=start_step * global_batch)
+
+
+def train_image_size(config) -> int:
+  """The train crop's size: config.train_image_size, or image_size (the eval crop)."""
+  size = config.get('train_image_size', -1)
+  return size if size > 0 else config.image_size
+
+
+def _augmentation(config):
+  """The (image, seed) -> image function of config.auto_augment, or None for none."""
+  name = config.get('auto_augment', '')
+  if not name:
+    return None
+  if name not in augment.AUGMENT_NAMES:
+    raise ValueError(f'config.auto_augment={name!r}; use one of '
+                     f'{", ".join(repr(n) for n in augment.AUGMENT_NAMES)}.')
+  if name == 'rand_augment':
+    return augment.build_augment(name, num_ops=config.rand_augment_num_ops,
+                                 magnitude=config.rand_augment_magnitude)
+  return augment.build_augment(name)
 
 
 def _eval_iterator(config, *, process_index: int, process_count: int,

@@ -121,8 +121,11 @@ def shape_mismatches(saved_tree: dict, target_tree: dict) -> dict[str, str]:
 
   Shared by resuming (any difference refuses) and by `init_from` (a head may differ).
   """
-  saved = flax.traverse_util.flatten_dict(saved_tree, sep='/')
-  wanted = flax.traverse_util.flatten_dict(target_tree, sep='/')
+  # None stands for an absent part (a state without a moving average): nothing to compare.
+  saved = {k: v for k, v in flax.traverse_util.flatten_dict(saved_tree, sep='/').items()
+           if v is not None}
+  wanted = {k: v for k, v in flax.traverse_util.flatten_dict(target_tree, sep='/').items()
+            if v is not None}
   lines = {}
   for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (k[:7] != 'params/', k)):
     if key not in wanted:
@@ -142,16 +145,21 @@ def _restore_as_numpy(item_dir: str) -> dict:
   return ocp.StandardCheckpointer().restore(item_dir, target)
 
 
-def load_variables(path: str) -> dict:
+def load_variables(path: str, *, ema: bool = False) -> dict:
   """Reads `{'params', 'batch_stats'}` (numpy arrays) from any checkpoint we write.
 
   `path` may be a converter output, a training workdir (its latest checkpoint), a
-  workdir's `checkpoints/` folder, or one step directory of it.
+  workdir's `checkpoints/` folder, or one step directory of it. With `ema`, the moving
+  average of a training checkpoint (a run with config.ema_decay > 0) instead of its
+  weights.
   """
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
     raise CheckpointError(f'No checkpoint at {path}: the path does not exist.')
   if os.path.isdir(os.path.join(path, VARIABLES_ITEM)):
+    if ema:
+      raise CheckpointError(f'{path} holds converted or exported weights, without a moving '
+                            'average: load it without ema (ema=False; config.init_from_ema=False).')
     restored = _restore_as_numpy(os.path.join(path, VARIABLES_ITEM))
   else:
     step_dir = path if os.path.isdir(os.path.join(path, STATE_ITEM)) else None
@@ -165,6 +173,12 @@ def load_variables(path: str) -> dict:
           'folder). Convert PyTorch weights with '
           '`python -m resnext_jax.convert --arch=ARCH --input=FILE --output=DIR`.')
     restored = _restore_as_numpy(os.path.join(step_dir, STATE_ITEM))
+    if ema:
+      if not restored.get('ema'):
+        raise CheckpointError(
+            f'{step_dir} has no moving average (its run had config.ema_decay=0): load its '
+            'weights without ema (ema=False; config.init_from_ema=False).')
+      restored = restored['ema']
   return {'params': restored['params'], 'batch_stats': restored['batch_stats']}
 
 

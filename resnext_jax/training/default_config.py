@@ -32,6 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 256  # global, over all devices and hosts
   config.eval_batch_size = 256
   config.train_crop_min_area = 0.08  # RandomResizedCrop's lower area bound
+  config.train_image_size = -1  # the train crop's size; -1: image_size (the eval crop)
+  # After the crop and flip, on the host: '' (none), 'trivial_augment_wide' or
+  # 'rand_augment' (torchvision's op sets and magnitudes; resnext_jax/data/augment.py).
+  config.auto_augment = ''
+  config.rand_augment_num_ops = 2
+  config.rand_augment_magnitude = 9  # of 31 bins
+  config.random_erasing = 0.0  # the chance that an example gets a box erased
   # Eval: shorter side resized to this, then the central image_size crop. -1: image_size /
   # 0.875, or with eval_only the registered init_from weights' own size.
   config.eval_resize_size = -1
@@ -49,6 +56,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 1e-4
   config.weight_decay_on_bn_and_bias = True  # mmcls decays every parameter
   config.label_smoothing = 0.0
+  # Mixup and CutMix on the device, on the global batch (training/mixing.py): each on when
+  # its alpha > 0; with both on, a batch gets CutMix with probability cutmix_prob.
+  config.mixup_alpha = 0.0
+  config.cutmix_alpha = 0.0
+  config.cutmix_prob = 0.5
+  # A moving average of params and BN statistics (training/ema.py), evaluated beside the
+  # weights and saved in checkpoints; 0 = off. The decay is torchvision's nominal one,
+  # adjusted for batch size, ema_every_steps and num_epochs as its train.py does; the
+  # average copies the weights during warmup_epochs.
+  config.ema_decay = 0.0
+  config.ema_every_steps = 32
   config.num_epochs = 100
   config.num_train_steps = -1  # > 0 overrides num_epochs
 
@@ -60,5 +78,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.init_from = ''  # weights to start from: a registered name, URL, file or directory
+  config.init_from_ema = False  # take init_from's moving average (a workdir of an EMA run)
   config.eval_only = False  # evaluate init_from (or the workdir's checkpoint) and stop
   return config

@@ -24,7 +24,7 @@ from resnext_jax.data.dataset import DatasetInfo
 from resnext_jax.data.preprocessing import check_eval_preprocessing, default_resize_size
 from resnext_jax.model.resnext import ResNeXt, init_variables
 from resnext_jax.ops.impl import describe_choice
-from resnext_jax.training import checkpoints, optim, sharding, steps
+from resnext_jax.training import checkpoints, ema, optim, sharding, steps
 from resnext_jax.training.reporting import (InputBoundWarning, MetricsReporter, PhaseTimes,
                                             ProgressLine, describe_shares, quiet_library_logs)
 from resnext_jax.training.variables import build_model, initial_variables
@@ -45,6 +45,7 @@ class RunContext:
   schedule: optim.Schedule
   tx: optax.GradientTransformation
   jitted: steps.JittedSteps
+  with_ema: bool  # the state carries a moving average of the weights
   ckpts: checkpoints.TrainingCheckpoints
   reporter: MetricsReporter
   eval_resize_size: int  # evaluation resizes the shorter side to this, then crops
@@ -74,17 +75,44 @@ def _create_context(config: ml_collections.ConfigDict, workdir: str) -> RunConte
   logging.info('Model %s%s (%s classes, %s compute, conv_impl=%s) on %d devices; %s',
                config.arch, overrides, num_classes, jnp.dtype(model.dtype).name,
                describe_choice(config.conv_impl), mesh.devices.size, schedule)
+  options = step_options(config, schedule)
+  if options != steps.StepOptions():
+    logging.info('Step options: %s', options)
   jitted = steps.jit_steps(model, tx, mesh, learning_rate_fn=learning_rate_fn,
-                           label_smoothing=config.label_smoothing)
+                           options=options)
   resize, interpolation = _eval_preprocessing(config)
   run = RunContext(
       config=config, workdir=workdir, mesh=mesh, model=model, schedule=schedule, tx=tx,
-      jitted=jitted,
+      jitted=jitted, with_ema=options.ema_decay is not None,
       ckpts=checkpoints.TrainingCheckpoints(workdir, max_to_keep=config.keep_checkpoints),
       reporter=MetricsReporter(workdir), eval_resize_size=resize,
       eval_interpolation=interpolation)
   _write_run_files(run, info)
   return run
+
+
+def step_options(config: ml_collections.ConfigDict, schedule: optim.Schedule) -> steps.StepOptions:
+  """The config's recipe additions to the train step, checked, with the EMA's decay per
+  update derived as torchvision's train.py derives it."""
+  for field in ('mixup_alpha', 'cutmix_alpha', 'ema_decay'):
+    if not 0 <= config[field] < (1 if field == 'ema_decay' else float('inf')):
+      raise ValueError(f'config.{field}={config[field]} is out of range: 0 switches it off'
+                       + ('; the decay must be below 1.' if field == 'ema_decay' else
+                          ', > 0 is the Beta distribution\'s alpha.'))
+  if not 0 <= config.cutmix_prob <= 1:
+    raise ValueError(f'config.cutmix_prob={config.cutmix_prob} must be within [0, 1].')
+  if config.ema_every_steps < 1:
+    raise ValueError(f'config.ema_every_steps={config.ema_every_steps} must be >= 1.')
+  decay = None
+  if config.ema_decay > 0:  # a short run's adjusted decay may be 0: the average copies
+    decay = ema.ema_decay(config.ema_decay, every=config.ema_every_steps,
+                          global_batch_size=config.batch_size,
+                          num_epochs=schedule.total_steps / schedule.steps_per_epoch)
+  return steps.StepOptions(
+      label_smoothing=config.label_smoothing, mixup_alpha=config.mixup_alpha,
+      cutmix_alpha=config.cutmix_alpha, cutmix_prob=config.cutmix_prob, seed=config.seed,
+      ema_decay=decay, ema_every=config.ema_every_steps,
+      ema_warmup_steps=schedule.warmup_steps)
 
 
 def _eval_preprocessing(config: ml_collections.ConfigDict) -> tuple[int, str]:
@@ -153,8 +181,8 @@ def _restore_or_create(run: RunContext) -> tuple[steps.TrainState, dict | None]:
   else:  # only the structure matters: the checkpoint overwrites every value
     variables = jax.device_get(
         init_variables(run.model, jax.random.PRNGKey(config.seed), config.image_size))
-  state = sharding.put_replicated(steps.create_train_state(variables, run.tx),
-                                  run.state_sharding)
+  state = sharding.put_replicated(
+      steps.create_train_state(variables, run.tx, with_ema=run.with_ema), run.state_sharding)
   logging.info('%s parameters.', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
   if step is None:
     return state, None
@@ -164,16 +192,28 @@ def _restore_or_create(run: RunContext) -> tuple[steps.TrainState, dict | None]:
 
 
 def evaluate(run: RunContext, state: steps.TrainState) -> dict[str, float]:
-  """Loss, top-1 and top-5 over every example of config.eval_split, each counted once."""
-  totals = None
+  """Loss, top-1 and top-5 over every example of config.eval_split, each counted once;
+  with a moving average, its results too (`eval_ema_*`), from the same batches."""
+  states = {'': state}
+  if state.ema is not None:
+    states['ema_'] = state.averaged()
+  totals = {}
   for local_batch in pipeline.create_eval_iterator(
       run.config, resize_size=run.eval_resize_size, interpolation=run.eval_interpolation):
-    sums = run.jitted.eval(state, pipeline.make_global_batch(local_batch, run.batch_sharding))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  if totals is None:
+    batch = pipeline.make_global_batch(local_batch, run.batch_sharding)
+    for prefix, weights in states.items():
+      sums = run.jitted.eval(weights, batch)
+      totals[prefix] = (sums if prefix not in totals
+                        else jax.tree.map(jnp.add, totals[prefix], sums))
+  if not totals:
     raise ValueError(f'The eval split {run.config.eval_split!r} gave no batches; check '
                      'config.eval_split.')
-  return steps.mean_eval_metrics(jax.device_get(totals))
+  results = {}
+  for prefix, sums in jax.device_get(totals).items():
+    metrics = steps.mean_eval_metrics(sums)
+    results.update({f'eval_{prefix}{k[len("eval_"):]}': v for k, v in metrics.items()
+                    if not (prefix and k == 'eval_count')})
+  return results
 
 
 def _evaluate_and_report(run: RunContext, state: steps.TrainState, step: int) -> dict:

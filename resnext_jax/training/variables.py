@@ -71,9 +71,11 @@ def initial_variables(config, model: ResNeXt, *, whole: bool = False) -> dict:
     return variables
   # A custom size (config.model) is converted as that model; a published one is detected.
   loaded, _ = pretrained.load_pretrained(config.init_from,
-                                         arch=model if config.model else None)
+                                         arch=model if config.model else None,
+                                         ema=config.init_from_ema)
   variables, not_loaded = merge_pretrained(variables, loaded, config.init_from)
-  logging.info('Loaded weights from %s.', config.init_from)
+  logging.info('Loaded %sweights from %s.', 'the moving average of the ' if
+               config.init_from_ema else '', config.init_from)
   if not_loaded and whole:
     raise ValueError(
         f'config.init_from={config.init_from} has a head of another class count than this '

@@ -24,7 +24,7 @@ def load(path):
 def test_the_documented_configs_exist():
   names = {os.path.basename(p) for p in CONFIG_FILES}
   assert {'quickstart.py', 'finetune.py', 'resnext50.py', 'resnext101_32x4d.py',
-          'resnext101_32x8d.py', 'resnext152_32x4d.py'} <= names
+          'resnext101_32x8d.py', 'resnext152_32x4d.py', 'resnext50_tv2.py'} <= names
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
@@ -47,3 +47,15 @@ def test_imagenet_configs_follow_the_mmcls_recipe(name):
   assert (config.num_epochs, tuple(config.lr_boundaries)) == (100, (30, 60, 90))
   assert config.lr_schedule == 'step' and config.warmup_epochs == 0
   assert config.label_smoothing == 0 and config.weight_decay_on_bn_and_bias
+
+
+def test_the_tv2_config_follows_torchvisions_v2_recipe():
+  config = load(os.path.join(CONFIG_DIR, 'resnext50_tv2.py')).get_config()
+  assert config.learning_rate * config.batch_size / 256 == 0.5 and config.batch_size == 1024
+  assert (config.lr_schedule, config.warmup_epochs, config.num_epochs) == ('cosine', 5, 600)
+  assert (config.weight_decay, config.weight_decay_on_bn_and_bias) == (2e-5, False)
+  assert (config.label_smoothing, config.mixup_alpha, config.cutmix_alpha) == (0.1, 0.2, 1.0)
+  assert (config.auto_augment, config.random_erasing) == ('trivial_augment_wide', 0.1)
+  assert (config.ema_decay, config.ema_every_steps) == (0.99998, 32)
+  assert (config.train_image_size, config.eval_resize_size, config.image_size) == (176, 232,
+                                                                                   224)

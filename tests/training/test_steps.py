@@ -21,13 +21,14 @@ def test_batch_size_must_divide_over_devices():
     sharding.create_mesh((4, 2))
 
 
-def _run_steps(mesh, batches, config, model):
+def _run_steps(mesh, batches, config, model, options=steps.StepOptions()):
   tx = optim.create_optimizer(config, lambda step: 0.1)
   jitted = steps.jit_steps(model, tx, mesh, learning_rate_fn=lambda step: 0.1,
-                          label_smoothing=config.label_smoothing)
+                          options=options)
   variables = jax.device_get(init_variables(model, jax.random.PRNGKey(0), 32))
-  state = sharding.put_replicated(steps.create_train_state(variables, tx),
-                                 sharding.replicated(mesh))
+  state = sharding.put_replicated(
+      steps.create_train_state(variables, tx, with_ema=options.ema_decay is not None),
+      sharding.replicated(mesh))
   losses = []
   for batch in batches:
     global_batch = jax.device_put(batch, sharding.batch_sharding(mesh))
@@ -36,19 +37,28 @@ def _run_steps(mesh, batches, config, model):
   return losses, jax.device_get(state)
 
 
-def test_eight_devices_train_like_one():
+@pytest.mark.parametrize('options', [
+    steps.StepOptions(),
+    # Mixup/CutMix pair examples across the shards of the batch; the average is updated
+    # from the gathered weights.
+    steps.StepOptions(label_smoothing=0.1, mixup_alpha=0.2, cutmix_alpha=1.0, seed=3,
+                      ema_decay=0.5, ema_every=1, ema_warmup_steps=1),
+], ids=['plain', 'recipe'])
+def test_eight_devices_train_like_one(options):
   config = config_with(label_smoothing=0.0)
   model = ResNeXt(num_classes=5, **TINY_MODEL)
   rng = np.random.default_rng(0)
   batches = [{'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
               'label': rng.integers(0, 5, (16,), dtype=np.int32)} for _ in range(3)]
-  losses8, state8 = _run_steps(sharding.create_mesh((8,)), batches, config, model)
-  losses1, state1 = _run_steps(sharding.create_mesh((1,)), batches, config, model)
+  losses8, state8 = _run_steps(sharding.create_mesh((8,)), batches, config, model, options)
+  losses1, state1 = _run_steps(sharding.create_mesh((1,)), batches, config, model, options)
   np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(state8.batch_stats), jax.tree.leaves(state1.batch_stats)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for part in ('params', 'batch_stats', 'ema'):
+    for a, b in zip(jax.tree.leaves(getattr(state8, part)),
+                    jax.tree.leaves(getattr(state1, part))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  if options.ema_decay is not None:  # the average lags the weights after the warmup copy
+    assert not np.allclose(state8.ema['params']['fc']['kernel'], state8.params['fc']['kernel'])
 
 
 def test_eval_metrics_count_only_real_examples():
