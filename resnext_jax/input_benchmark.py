@@ -21,12 +21,12 @@ import os
 import tempfile
 import time
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import tensorflow as tf
 
 from resnext_jax.data import pipeline
+from resnext_jax.training import default_config
 
 _WIDTH, _HEIGHT = 500, 375
 
@@ -98,12 +98,12 @@ def main() -> None:
     print(f'{len(paths)} JPEGs of {_WIDTH}x{_HEIGHT}, {mean_kb:.0f} KB on average; '
           f'batch {args.batch_size}, image size {args.image_size}{extra}, '
           f'{os.cpu_count()} CPUs')
-    config = ml_collections.ConfigDict(dict(
+    config = default_config.get_config()
+    config.update(
         dataset=pipeline.IMAGE_FOLDER, data_dir=root, train_split='train',
         eval_split='validation', batch_size=args.batch_size, eval_batch_size=args.batch_size,
         image_size=args.image_size, seed=0, cache_dir=os.path.join(root, 'cache'),
-        auto_augment=args.auto_augment, rand_augment_num_ops=2, rand_augment_magnitude=9,
-        random_erasing=args.random_erasing))
+        auto_augment=args.auto_augment, random_erasing=args.random_erasing)
     pipeline.get_dataset_info(config)  # Preparation (a scan) is not timed.
 
     bare, ours = [], []

@@ -51,7 +51,8 @@ class PretrainedInfo:
 
 
 def load_pretrained(name_or_url: str, *, arch: str | ResNeXt | None = None,
-                    sha256: str | None = None, ema: bool = False) -> tuple[dict, PretrainedInfo]:
+                    sha256: str | None = None,
+                    ema: bool = False) -> tuple[dict, PretrainedInfo]:
   """`({'params', 'batch_stats'}, info)` of the weights `name_or_url` names.
 
   `arch` (a name from ARCHS or a ResNeXt module) is detected from the weights unless

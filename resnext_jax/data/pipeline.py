@@ -147,12 +147,11 @@ def _train_iterator(config, *, start_step: int, process_index: int,
     def preprocess(position, encoded, label):
       seed_pair = tf.stack([tf.constant(seed, tf.int64), position])
       image = preprocess_train(encoded, seed_pair, image_size=image_size, min_area=min_area)
-      # Each further random choice draws from its own seed, a function of the same pair.
+      # The augmentations fold their own tags into the pair: draws apart from the crop's.
       if augment_image is not None:
-        image = augment_image(image, tf.random.experimental.stateless_fold_in(seed_pair, 1))
+        image = augment_image(image, seed_pair)
       if erasing:
-        image = augment.random_erasing(
-            image, tf.random.experimental.stateless_fold_in(seed_pair, 2), erasing)
+        image = augment.random_erasing(image, seed_pair, erasing)
       return {'image': image, 'label': label}
 
     ds = tf.data.Dataset.counter().map(positions)

@@ -159,7 +159,8 @@ def load_variables(path: str, *, ema: bool = False) -> dict:
   if os.path.isdir(os.path.join(path, VARIABLES_ITEM)):
     if ema:
       raise CheckpointError(f'{path} holds converted or exported weights, without a moving '
-                            'average: load it without ema (ema=False; config.init_from_ema=False).')
+                            'average: load it without ema (ema=False; '
+                            'config.init_from_ema=False).')
     restored = _restore_as_numpy(os.path.join(path, VARIABLES_ITEM))
   else:
     step_dir = path if os.path.isdir(os.path.join(path, STATE_ITEM)) else None

@@ -4,8 +4,9 @@ Batches arrive as uint8 images (normalised here, on the device) with int32 label
 for evaluation a `mask` that marks real (not padding) examples. Loss is float32. What a
 recipe adds to the plain step (label smoothing, Mixup/CutMix on the global batch, an
 average of the weights) is in `StepOptions`, off by default. `jit_steps` wraps the steps
-in `jax.jit` with explicit shardings, for the trainer and the benchmark alike. Only jax, flax and optax are imported here (no clu, no TensorFlow, no
-Orbax), so that the benchmark, which runs these steps, works wherever JAX does.
+in `jax.jit` with explicit shardings, for the trainer and the benchmark alike. Only jax,
+flax and optax are imported here (no clu, no TensorFlow, no Orbax), so that the
+benchmark, which runs these steps, works wherever JAX does.
 """
 
 import dataclasses

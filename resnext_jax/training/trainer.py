@@ -45,11 +45,15 @@ class RunContext:
   schedule: optim.Schedule
   tx: optax.GradientTransformation
   jitted: steps.JittedSteps
-  with_ema: bool  # the state carries a moving average of the weights
   ckpts: checkpoints.TrainingCheckpoints
   reporter: MetricsReporter
   eval_resize_size: int  # evaluation resizes the shorter side to this, then crops
   eval_interpolation: str
+
+  @property
+  def with_ema(self) -> bool:
+    """Whether the state carries a moving average of the weights."""
+    return self.config.ema_decay > 0
 
   @property
   def batch_sharding(self) -> jax.sharding.Sharding:
@@ -83,7 +87,7 @@ def _create_context(config: ml_collections.ConfigDict, workdir: str) -> RunConte
   resize, interpolation = _eval_preprocessing(config)
   run = RunContext(
       config=config, workdir=workdir, mesh=mesh, model=model, schedule=schedule, tx=tx,
-      jitted=jitted, with_ema=options.ema_decay is not None,
+      jitted=jitted,
       ckpts=checkpoints.TrainingCheckpoints(workdir, max_to_keep=config.keep_checkpoints),
       reporter=MetricsReporter(workdir), eval_resize_size=resize,
       eval_interpolation=interpolation)
@@ -91,14 +95,17 @@ def _create_context(config: ml_collections.ConfigDict, workdir: str) -> RunConte
   return run
 
 
-def step_options(config: ml_collections.ConfigDict, schedule: optim.Schedule) -> steps.StepOptions:
+def step_options(config: ml_collections.ConfigDict,
+                 schedule: optim.Schedule) -> steps.StepOptions:
   """The config's recipe additions to the train step, checked, with the EMA's decay per
   update derived as torchvision's train.py derives it."""
-  for field in ('mixup_alpha', 'cutmix_alpha', 'ema_decay'):
-    if not 0 <= config[field] < (1 if field == 'ema_decay' else float('inf')):
-      raise ValueError(f'config.{field}={config[field]} is out of range: 0 switches it off'
-                       + ('; the decay must be below 1.' if field == 'ema_decay' else
-                          ', > 0 is the Beta distribution\'s alpha.'))
+  for field in ('mixup_alpha', 'cutmix_alpha'):
+    if config[field] < 0:
+      raise ValueError(f'config.{field}={config[field]} is out of range: 0 switches it off, '
+                       "> 0 is the Beta distribution's alpha.")
+  if not 0 <= config.ema_decay < 1:
+    raise ValueError(f'config.ema_decay={config.ema_decay} is out of range: 0 switches it '
+                     'off; the decay must be below 1.')
   if not 0 <= config.cutmix_prob <= 1:
     raise ValueError(f'config.cutmix_prob={config.cutmix_prob} must be within [0, 1].')
   if config.ema_every_steps < 1:
