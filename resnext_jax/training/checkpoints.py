@@ -186,21 +186,30 @@ def load_variables(path: str, *, ema: bool = False) -> dict:
 class TrainingCheckpoints:
   """Saves and restores the train state with the input position, keeping the last few.
 
-  Saving is asynchronous: the step loop continues while Orbax writes. The state is
-  stored as a nested dict (`flax.serialization.to_state_dict`) so that the files do
-  not depend on Python class names.
+  Saving is asynchronous: the step loop continues while Orbax writes into a temporary
+  folder that it renames when complete, so a process killed mid-save leaves the previous
+  checkpoints intact; the next run removes the leftover folder. `timeout_secs` bounds
+  the wait for every process to finish a save. The state is stored as a nested dict
+  (`flax.serialization.to_state_dict`) so that the files do not depend on Python class
+  names.
   """
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3):
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, timeout_secs: int = 1200):
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             enable_async_checkpointing=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,
+            async_options=ocp.options.AsyncOptions(timeout_secs=timeout_secs)),
         item_names=(STATE_ITEM, DATA_ITEM))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """The complete checkpoints' steps, ascending."""
+    return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_position: dict) -> None:
     self._manager.save(step, args=ocp.args.Composite(**{

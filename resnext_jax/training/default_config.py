@@ -77,6 +77,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = -1  # -1: once per epoch (and always at the end)
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
+  # Seconds every process may take to finish a checkpoint save (Orbax's commit barrier).
+  config.checkpoint_timeout_secs = 1200
+  # The step watchdog (training/watchdog.py): a process whose steps stop for
+  # watchdog_step_factor x the median step time (at least watchdog_min_secs), or for
+  # watchdog_secs when > 0, logs every thread's stack and exits 75. 0 and 0: off.
+  config.watchdog_step_factor = 20.0
+  config.watchdog_min_secs = 300.0
+  config.watchdog_secs = 0.0
   config.init_from = ''  # weights to start from: a registered name, URL, file or directory
   config.init_from_ema = False  # take init_from's moving average (a workdir of an EMA run)
   config.eval_only = False  # evaluate init_from (or the workdir's checkpoint) and stop

@@ -59,6 +59,16 @@ class MetricsReporter:
       self._writer.close()
 
 
+def evaluated_steps(workdir: str) -> set[int]:
+  """The steps metrics.jsonl has an evaluation of (a resumed run finishes a missing one)."""
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f if '"eval_loss"' in line]
+  except (OSError, ValueError):
+    return set()
+  return {int(r['step']) for r in records}
+
+
 # Where a training loop's wall time goes; the rest (logging, the loop itself) is "other".
 PHASES = ('input', 'step', 'eval', 'checkpoint')
 # Above this share of the time waiting for input batches, a run is input-bound.

@@ -15,7 +15,11 @@ DATA_AXIS = 'data'
 
 
 def create_mesh(mesh_shape: Sequence[int] = (-1,)) -> Mesh:
-  """A one-axis `data` mesh over all devices of all processes (-1 = all devices)."""
+  """A one-axis `data` mesh over all devices of all processes (-1 = all devices).
+
+  A mesh of N devices takes N / process_count devices from every process, so that each
+  process holds part of every batch (the first N devices might all be one host's).
+  """
   shape = tuple(mesh_shape)
   if len(shape) != 1:
     raise ValueError(f'config.mesh_shape={shape}: only a 1-D data-parallel mesh is '
@@ -24,7 +28,14 @@ def create_mesh(mesh_shape: Sequence[int] = (-1,)) -> Mesh:
   if size < 1 or size > jax.device_count():
     raise ValueError(f'config.mesh_shape={shape} asks for {size} devices but '
                      f'{jax.device_count()} are available.')
-  return Mesh(np.asarray(jax.devices()[:size]), (DATA_AXIS,))
+  processes = jax.process_count()
+  if size % processes:
+    raise ValueError(f'config.mesh_shape={shape}: {size} devices do not split evenly over '
+                     f'the {processes} processes; use a multiple of {processes}, or (-1,).')
+  per_process = size // processes
+  devices = [d for p in range(processes)
+             for d in [d for d in jax.devices() if d.process_index == p][:per_process]]
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -43,6 +54,13 @@ def check_batch_size(batch_size: int, mesh: Mesh, name: str = 'config.batch_size
     raise ValueError(
         f'{name}={batch_size} does not divide over the {devices} devices of the mesh; '
         f'use a multiple of {devices} (e.g. {lower} or {lower + devices}).')
+
+
+def round_up_to_devices(batch_size: int, mesh: Mesh) -> int:
+  """`batch_size` rounded up to a multiple of the mesh's devices (for evaluation, whose
+  last batch is padded anyway)."""
+  devices = mesh.devices.size
+  return -(-batch_size // devices) * devices
 
 
 def put_replicated(tree: Any, target: jax.sharding.Sharding) -> Any:

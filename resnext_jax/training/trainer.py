@@ -1,14 +1,14 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)` is the main job.
 
 Top to bottom: the run context (everything derived from the config once: mesh, model,
-schedule, optimizer, jitted steps, checkpoints, reporter); evaluation over the whole
-split; and the loop with logging, checkpoints, resume, SIGTERM handling and a stop on NaN.
+schedule, optimizer, jitted steps, checkpoints, reporter); restoring (falling back past a
+checkpoint that cannot be read) and evaluation over the whole split; and the loop with
+logging, checkpoints, resume, SIGTERM handling, a step watchdog and a stop on NaN.
 """
 
 import dataclasses
+import errno
 import os
-import signal
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +24,11 @@ from resnext_jax.data.dataset import DatasetInfo
 from resnext_jax.data.preprocessing import check_eval_preprocessing, default_resize_size
 from resnext_jax.model.resnext import ResNeXt, init_variables
 from resnext_jax.ops.impl import describe_choice
-from resnext_jax.training import checkpoints, ema, optim, sharding, steps
+from resnext_jax.training import checkpoints, distributed, ema, optim, sharding, steps
 from resnext_jax.training.reporting import (InputBoundWarning, MetricsReporter, PhaseTimes,
-                                            ProgressLine, describe_shares, quiet_library_logs)
+                                            ProgressLine, describe_shares, evaluated_steps,
+                                            quiet_library_logs)
+from resnext_jax.training.watchdog import StepWatchdog
 from resnext_jax.training.variables import build_model, initial_variables
 from resnext_jax.weights import registry
 
@@ -49,6 +51,9 @@ class RunContext:
   reporter: MetricsReporter
   eval_resize_size: int  # evaluation resizes the shorter side to this, then crops
   eval_interpolation: str
+  info: DatasetInfo
+  stop: distributed.StopRequest
+  watchdog: StepWatchdog
 
   @property
   def with_ema(self) -> bool:
@@ -64,13 +69,48 @@ class RunContext:
     return sharding.replicated(self.mesh)
 
 
-def _create_context(config: ml_collections.ConfigDict, workdir: str) -> RunContext:
+def _check_intervals(config: ml_collections.ConfigDict) -> None:
+  for field in ('log_every_steps', 'checkpoint_every_steps'):
+    if config[field] < 1:
+      raise ValueError(f'config.{field}={config[field]} must be >= 1 (a number of steps).')
+  if config.eval_every_steps == 0 or config.eval_every_steps < -1:
+    raise ValueError(f'config.eval_every_steps={config.eval_every_steps} must be >= 1, or -1 '
+                     'for once per epoch.')
+
+
+def _round_eval_batch(config: ml_collections.ConfigDict,
+                      mesh: jax.sharding.Mesh) -> ml_collections.ConfigDict:
+  """The config with eval_batch_size rounded up to split over the devices (evaluation pads
+  its last batch anyway), said in the log when it changes."""
+  rounded = sharding.round_up_to_devices(config.eval_batch_size, mesh)
+  if rounded == config.eval_batch_size:
+    return config
+  logging.info('config.eval_batch_size=%d rounded up to %d to split over the %d devices.',
+               config.eval_batch_size, rounded, mesh.devices.size)
+  config = config.copy_and_resolve_references()
+  config.eval_batch_size = rounded
+  return config
+
+
+def _num_classes(config: ml_collections.ConfigDict, info: DatasetInfo) -> int:
+  if config.num_classes <= 0:
+    return info.num_classes
+  if config.num_classes < info.num_classes:
+    raise ValueError(f'config.num_classes={config.num_classes} is smaller than the '
+                     f'{info.num_classes} classes of {config.dataset} ({config.data_dir or "tfds"}'
+                     '); use -1 for the dataset\'s count.')
+  return config.num_classes
+
+
+def _create_context(config: ml_collections.ConfigDict, workdir: str,
+                    stop: distributed.StopRequest) -> RunContext:
   """Checks the config against the devices and data, builds everything, logs the choices."""
+  _check_intervals(config)
   mesh = sharding.create_mesh(config.mesh_shape)
   sharding.check_batch_size(config.batch_size, mesh)
-  sharding.check_batch_size(config.eval_batch_size, mesh, 'config.eval_batch_size')
+  config = _round_eval_batch(config, mesh)
   info = pipeline.get_dataset_info(config)
-  num_classes = config.num_classes if config.num_classes > 0 else info.num_classes
+  num_classes = _num_classes(config, info)
   model = build_model(config, num_classes)
   schedule = optim.derive_schedule(config, info.num_train_examples)
   learning_rate_fn = optim.create_learning_rate_fn(config, schedule)
@@ -88,10 +128,13 @@ def _create_context(config: ml_collections.ConfigDict, workdir: str) -> RunConte
   run = RunContext(
       config=config, workdir=workdir, mesh=mesh, model=model, schedule=schedule, tx=tx,
       jitted=jitted,
-      ckpts=checkpoints.TrainingCheckpoints(workdir, max_to_keep=config.keep_checkpoints),
+      ckpts=checkpoints.TrainingCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
+                                            timeout_secs=config.checkpoint_timeout_secs),
       reporter=MetricsReporter(workdir), eval_resize_size=resize,
-      eval_interpolation=interpolation)
-  _write_run_files(run, info)
+      eval_interpolation=interpolation, info=info, stop=stop,
+      watchdog=StepWatchdog(step_factor=config.watchdog_step_factor,
+                            min_secs=config.watchdog_min_secs,
+                            fixed_secs=config.watchdog_secs))
   return run
 
 
@@ -140,10 +183,11 @@ def _eval_preprocessing(config: ml_collections.ConfigDict) -> tuple[int, str]:
   return resize, interpolation
 
 
-def _write_run_files(run: RunContext, info: DatasetInfo) -> None:
+def _write_run_files(run: RunContext) -> None:
   """config.json, and model.json: what a predictor needs to rebuild the model and name
-  its classes (arch, sizes, class names, eval preprocessing)."""
-  config = run.config
+  its classes (arch, sizes, class names, eval preprocessing). Written once the workdir's
+  checkpoint is known to fit this config, so a refused rerun leaves them as they were."""
+  config, info = run.config, run.info
   if jax.process_index() != 0:
     return
   with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
@@ -159,31 +203,61 @@ def _write_run_files(run: RunContext, info: DatasetInfo) -> None:
                'interpolation': run.eval_interpolation}})
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (resuming from workdir if it has checkpoints) and returns the final metrics."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  quiet_library_logs()
-  run = _create_context(config, workdir)
+def _check_workdir(workdir: str) -> None:
+  """Creates the workdir and writes a file into it, so that an unwritable or full one is
+  named before the data is prepared or a step is run."""
   try:
-    if config.eval_only:
-      return _evaluate_only(run)
-    return _train(run)
-  finally:
-    run.ckpts.wait()
-    run.ckpts.close()
-    run.reporter.close()
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_check_{jax.process_index()}')
+    with open(probe, 'w') as f:
+      f.write('resnext_jax')
+    os.remove(probe)
+  except OSError as e:
+    fix = ('free some space or choose another --workdir' if e.errno == errno.ENOSPC
+           else 'choose a --workdir this user can write to')
+    raise ValueError(f'Cannot write to the workdir {workdir}: {e.strerror or e}; {fix}.') from e
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from workdir if it has checkpoints) and returns the final metrics.
+
+  Stopped by SIGTERM, it returns `{'stopped_at_step': N}` after saving step N (or raises
+  `distributed.Preempted` when that came before the first step).
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  _check_workdir(workdir)
+  quiet_library_logs()
+  with distributed.StopRequest() as stop:
+    run = _create_context(config, workdir, stop)
+    try:
+      if config.eval_only:
+        return _evaluate_only(run)
+      return _train(run)
+    finally:
+      run.ckpts.wait()
+      run.ckpts.close()
+      run.reporter.close()
 
 
 # ----------------------------------------------------------------------------------------
 # State and evaluation.
 
 
-def _restore_or_create(run: RunContext) -> tuple[steps.TrainState, dict | None]:
-  """The latest checkpoint of the workdir, else a fresh state; plus the input position."""
-  config = run.config
-  step = run.ckpts.latest_step()
-  if step is None:
+def _restore_or_create(run: RunContext) -> tuple[steps.TrainState, dict | None, bool]:
+  """The latest readable checkpoint of the workdir, else a fresh state; plus the input
+  position, and whether the restored step still needs the evaluation the stopped run
+  did not finish. Every process must see the same checkpoints and data (checked first)."""
+  config, info = run.config, run.info
+  saved = run.ckpts.all_steps()
+  pending_eval = bool(saved) and _is_eval_step(run, saved[-1]) and (
+      saved[-1] not in evaluated_steps(run.workdir))
+  distributed.check_same_everywhere({
+      f'checkpoint steps in {run.ckpts.directory}': saved,
+      f'evaluation of step {saved[-1] if saved else 0} still to do': pending_eval,
+      f'training examples of {config.dataset} ({config.data_dir or "tfds"})':
+          info.num_train_examples,
+      'evaluation examples': info.num_eval_examples, 'classes': info.num_classes})
+  if not saved:
     variables = initial_variables(config, run.model)
   else:  # only the structure matters: the checkpoint overwrites every value
     variables = jax.device_get(
@@ -191,16 +265,39 @@ def _restore_or_create(run: RunContext) -> tuple[steps.TrainState, dict | None]:
   state = sharding.put_replicated(
       steps.create_train_state(variables, run.tx, with_ema=run.with_ema), run.state_sharding)
   logging.info('%s parameters.', f'{sum(x.size for x in jax.tree.leaves(state.params)):,}')
-  if step is None:
-    return state, None
-  state, data_position = run.ckpts.restore(step, state)
-  logging.info('Resumed from %s/%d.', run.ckpts.directory, step)
-  return state, data_position
+  if not saved:
+    _write_run_files(run)
+    return state, None, False
+  for step in reversed(saved):
+    try:
+      restored, data_position = run.ckpts.restore(step, state)
+      failure = None
+    except checkpoints.CheckpointError:
+      raise  # the checkpoint does not fit this config: falling back would not help
+    except Exception as e:  # pylint: disable=broad-except
+      failure = f'{type(e).__name__}: {e}'
+    if jax.process_count() > 1:  # all fall back together if any process could not read
+      failed = multihost_utils.process_allgather(np.asarray(failure is not None))
+      failure = failure or ('another process could not read it' if np.any(failed) else None)
+    if failure is None:
+      _write_run_files(run)
+      logging.info('Resumed from %s/%d.', run.ckpts.directory, step)
+      return restored, data_position, pending_eval and step == saved[-1]
+    logging.warning('Skipping checkpoint %s/%d, which cannot be read (%s); trying the one '
+                    'before.', run.ckpts.directory, step, failure.splitlines()[0][:300])
+  raise checkpoints.CheckpointError(
+      f'None of the checkpoints in {run.ckpts.directory} (steps {saved}) can be read; see '
+      'the warnings above. Move the folder away to start the run afresh.')
 
 
-def evaluate(run: RunContext, state: steps.TrainState) -> dict[str, float]:
+def _is_eval_step(run: RunContext, step: int) -> bool:
+  return step % run.schedule.eval_every_steps == 0 or step == run.schedule.total_steps
+
+
+def evaluate(run: RunContext, state: steps.TrainState) -> dict[str, float] | None:
   """Loss, top-1 and top-5 over every example of config.eval_split, each counted once;
-  with a moving average, its results too (`eval_ema_*`), from the same batches."""
+  with a moving average, its results too (`eval_ema_*`), from the same batches. None when
+  SIGTERM stopped it (checked at every batch)."""
   states = {'': state}
   if state.ema is not None:
     states['ema_'] = state.averaged()
@@ -212,6 +309,9 @@ def evaluate(run: RunContext, state: steps.TrainState) -> dict[str, float]:
       sums = run.jitted.eval(weights, batch)
       totals[prefix] = (sums if prefix not in totals
                         else jax.tree.map(jnp.add, totals[prefix], sums))
+    run.watchdog.progress(timed=False)
+    if run.stop.requested():
+      return None
   if not totals:
     raise ValueError(f'The eval split {run.config.eval_split!r} gave no batches; check '
                      'config.eval_split.')
@@ -223,8 +323,10 @@ def evaluate(run: RunContext, state: steps.TrainState) -> dict[str, float]:
   return results
 
 
-def _evaluate_and_report(run: RunContext, state: steps.TrainState, step: int) -> dict:
+def _evaluate_and_report(run: RunContext, state: steps.TrainState, step: int) -> dict | None:
   metrics = evaluate(run, state)
+  if metrics is None:
+    return None
   run.reporter.write(step, metrics)
   logging.info('Evaluation at step %d: %s', step, _format_metrics(metrics))
   return metrics
@@ -239,9 +341,17 @@ def _evaluate_only(run: RunContext) -> dict[str, float]:
     variables = initial_variables(config, run.model, whole=True)
     state = sharding.put_replicated(steps.create_train_state(variables, run.tx),
                                     run.state_sharding)
+    _write_run_files(run)
   else:
-    state, _ = _restore_or_create(run)
-  return _evaluate_and_report(run, state, int(jax.device_get(state.step)))
+    state, _, _ = _restore_or_create(run)
+  run.stop.training_started()
+  step = int(jax.device_get(state.step))
+  with run.watchdog.paused():
+    metrics = _evaluate_and_report(run, state, step)
+  if metrics is None:
+    logging.warning('SIGTERM received during evaluation; stopped. Rerun to evaluate.')
+    return {'stopped_at_step': step}
+  return metrics
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:
@@ -251,33 +361,6 @@ def _format_metrics(metrics: dict[str, float]) -> str:
 
 # ----------------------------------------------------------------------------------------
 # The loop.
-
-
-class StopSignal:
-  """Turns SIGTERM (preemption, a scheduler) into a flag the loop checks every step."""
-
-  def __init__(self):
-    self._requested = False
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def __exit__(self, *exc_info):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self._requested = True
-
-  def requested(self) -> bool:
-    """True on every process as soon as any process got the signal."""
-    if jax.process_count() == 1:
-      return self._requested
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(self._requested))))
 
 
 class _StepMetrics:
@@ -311,7 +394,7 @@ class _StepMetrics:
 
 def _train(run: RunContext) -> dict[str, float]:
   config, schedule, ckpts = run.config, run.schedule, run.ckpts
-  state, data_position = _restore_or_create(run)
+  state, data_position, evaluate_first = _restore_or_create(run)
   start_step = int(jax.device_get(state.step))
   train_iter = pipeline.create_train_iterator(config, start_step=start_step)
   if data_position is not None:
@@ -323,9 +406,18 @@ def _train(run: RunContext) -> dict[str, float]:
   def save(step, batches):
     with log.times.phase('step'):
       metrics.check(step)  # never checkpoint a diverged state
-    with log.times.phase('checkpoint'):
+    with log.times.phase('checkpoint'), run.watchdog.paused():
       ckpts.save(step, state, batches.get_state())  # the next batch a step would take
     metrics.last_saved = step
+
+  def stop_at(step, batches):
+    if metrics.last_saved != step:
+      save(step, batches)
+    with run.watchdog.paused():
+      ckpts.wait()
+    logging.warning('SIGTERM received: saved a checkpoint at step %d in %s and stopped. '
+                    'Rerun the same command to continue.', step, ckpts.directory)
+    return {'stopped_at_step': step}
 
   to_device = lambda batch: pipeline.make_global_batch(batch, run.batch_sharding)
   # On an accelerator the next step is dispatched while the current one runs, so the
@@ -333,7 +425,14 @@ def _train(run: RunContext) -> dict[str, float]:
   # live at once: the heap grows and every step faults in fresh pages for a while
   # (docs/performance.md), so there each step is finished before the next starts.
   one_step_at_a_time = jax.default_backend() == 'cpu'
-  with StopSignal() as stop, DevicePrefetcher(train_iter, to_device) as batches:
+  with run.watchdog, DevicePrefetcher(train_iter, to_device) as batches:
+    run.stop.training_started()
+    if evaluate_first:
+      logging.info('Step %d was saved but its evaluation did not finish: evaluating it.',
+                   start_step)
+      final_metrics = log.evaluate(state, start_step)
+      if final_metrics is None:
+        return stop_at(start_step, batches)
     for step in range(start_step + 1, schedule.total_steps + 1):
       with log.times.phase('input'):
         batch = next(batches)
@@ -341,14 +440,10 @@ def _train(run: RunContext) -> dict[str, float]:
         state, step_metrics = run.jitted.train(state, batch)
         if one_step_at_a_time:
           jax.block_until_ready(step_metrics)
+      run.watchdog.progress()
       metrics.add(step_metrics)
-      if stop.requested():
-        save(step, batches)
-        ckpts.wait()
-        logging.warning('SIGTERM received: saved a checkpoint at step %d in %s and '
-                        'stopped. Rerun the same command to continue.', step,
-                        ckpts.directory)
-        return {'stopped_at_step': step}
+      if run.stop.requested():
+        return stop_at(step, batches)
       is_last = step == schedule.total_steps
       if step % config.log_every_steps == 0 or is_last:
         with log.times.phase('step'):
@@ -357,11 +452,13 @@ def _train(run: RunContext) -> dict[str, float]:
         metrics.logged.clear()
       if step % config.checkpoint_every_steps == 0 or is_last:
         save(step, batches)
-      if step % schedule.eval_every_steps == 0 or is_last:
-        with log.times.phase('eval'):
-          final_metrics = _evaluate_and_report(run, state, step)
+      if _is_eval_step(run, step):
+        final_metrics = log.evaluate(state, step)
+        if final_metrics is None:
+          return stop_at(step, batches)
 
-  ckpts.wait()
+  with run.watchdog.paused():
+    ckpts.wait()
   logging.info('Done. Checkpoints: %s; TensorBoard logs and metrics.jsonl: %s',
                ckpts.directory, run.workdir)
   return final_metrics
@@ -377,6 +474,16 @@ class _TrainLog:
                                   start_step)
     self.times = PhaseTimes()
     self._input_bound = InputBoundWarning()
+    self._evaluated = False
+
+  def evaluate(self, state: steps.TrainState, step: int) -> dict | None:
+    """Evaluates and reports; the first evaluation compiles, so the watchdog waits it out."""
+    with self.times.phase('eval'):
+      if self._evaluated:
+        return _evaluate_and_report(self._run, state, step)
+      self._evaluated = True
+      with self._run.watchdog.paused():
+        return _evaluate_and_report(self._run, state, step)
 
   def write(self, step: int, logged: list[dict]) -> None:
     loss = float(np.mean([m['loss'] for m in logged]))
