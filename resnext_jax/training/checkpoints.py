@@ -24,6 +24,7 @@ from typing import Any
 import flax
 import jax
 from etils import epath
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -34,6 +35,7 @@ CHECKPOINTS_DIR = 'checkpoints'
 STATE_ITEM = 'state'
 DATA_ITEM = 'data'
 MODEL_INFO_FILE = 'model.json'
+UNREADABLE_DIR = 'unreadable_checkpoints'
 
 
 class CheckpointError(ValueError):
@@ -210,6 +212,21 @@ class TrainingCheckpoints:
   def all_steps(self) -> list[int]:
     """The complete checkpoints' steps, ascending."""
     return sorted(self._manager.all_steps())
+
+  def set_aside(self, step: int) -> str:
+    """Moves an unreadable checkpoint out of the way (to `UNREADABLE_DIR` beside the
+    checkpoints, kept for inspection), so that the run can save that step again; returns
+    where it went."""
+    target = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR, str(step))
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      if os.path.exists(target):
+        shutil.rmtree(target)
+      os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:  # the others read the folder only once it has moved
+      multihost_utils.sync_global_devices(f'resnext_jax_set_aside_{step}')
+    self._manager.reload()
+    return target
 
   def save(self, step: int, state: Any, data_position: dict) -> None:
     self._manager.save(step, args=ocp.args.Composite(**{

@@ -283,8 +283,9 @@ def _restore_or_create(run: RunContext) -> tuple[steps.TrainState, dict | None, 
       _write_run_files(run)
       logging.info('Resumed from %s/%d.', run.ckpts.directory, step)
       return restored, data_position, pending_eval and step == saved[-1]
-    logging.warning('Skipping checkpoint %s/%d, which cannot be read (%s); trying the one '
-                    'before.', run.ckpts.directory, step, failure.splitlines()[0][:300])
+    logging.warning('Skipping checkpoint %s/%d, which cannot be read (%s); moved it to %s '
+                    'and trying the one before.', run.ckpts.directory, step,
+                    failure.splitlines()[0][:300], run.ckpts.set_aside(step))
   raise checkpoints.CheckpointError(
       f'None of the checkpoints in {run.ckpts.directory} (steps {saved}) can be read; see '
       'the warnings above. Move the folder away to start the run afresh.')
