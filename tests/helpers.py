@@ -4,6 +4,7 @@ a tiny training run of the quickstart config, in-process or as a train.py comman
 line, and a file server on 127.0.0.1 for the code that downloads."""
 
 import functools
+import hashlib
 import http.server
 import io
 import json
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from configs import quickstart
+from resnext_jax.data import image_folder
 from resnext_jax.training import default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +75,39 @@ def tiny_config(shapes_dir, **overrides):
                 warmup_epochs=0)
   config.update(overrides)
   return config
+
+
+def _image_folder(root, per_class):
+  rng = np.random.default_rng(0)
+  for split, count in (('train', per_class), ('validation', 4)):
+    for name in ('a', 'b'):
+      os.makedirs(os.path.join(root, split, name))
+      for i in range(count):
+        with open(os.path.join(root, split, name, f'{i}.jpg'), 'wb') as f:
+          f.write(encode_jpeg(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)))
+
+
+def stalled_image_folder(root, cache_dir, per_class=24):
+  """An image folder whose first training image becomes a named pipe that nobody writes,
+  after the scan found the image readable: reading it blocks, as on a hung file system."""
+  _image_folder(root, per_class)
+  config = tiny_config('', dataset='image_folder', data_dir=root, cache_dir=cache_dir)
+  image_folder.image_folder_source(root, (config.train_split, config.eval_split), cache_dir)  # scans and caches the verdicts
+  path = os.path.join(root, 'train', 'a', '0.jpg')
+  os.remove(path)
+  os.mkfifo(path)
+  # The scan cache (keyed by path, size, mtime) says the file was checked readable.
+  split_dir = os.path.join(root, 'train')
+  cache_path = os.path.join(cache_dir, 'image_folder',
+                            hashlib.sha1(split_dir.encode()).hexdigest()[:16] + '.json')
+  with open(cache_path) as f:
+    cache = json.load(f)
+  stat = os.stat(path)
+  cache['files'][path] = [stat.st_size, stat.st_mtime_ns, True]
+  with open(cache_path, 'w') as f:
+    json.dump(cache, f)
+  return ['--config.dataset=image_folder', f'--config.data_dir={root}',
+          f'--config.cache_dir={cache_dir}']
 
 
 def read_metrics(workdir):

@@ -3,20 +3,17 @@ watchdog), kill -9 during an asynchronous save, an unreadable latest checkpoint,
 before training and during evaluation, and the mistakes a user can make in the command."""
 
 import glob
-import hashlib
-import json
 import os
 import re
 import signal
 import subprocess
 import time
 
-import numpy as np
 import pytest
 
 from resnext_jax.data import pipeline
 from resnext_jax.training import checkpoints, distributed, trainer, watchdog
-from tests.helpers import ROOT, encode_jpeg, read_metrics, tiny_config, train_command
+from tests.helpers import ROOT, read_metrics, stalled_image_folder, tiny_config, train_command
 
 
 @pytest.fixture(scope='module')
@@ -60,39 +57,6 @@ def test_watchdog_fires_on_a_stall_but_not_while_paused_or_progressing():
     assert _wait_for(lambda: stalls, 5)
   assert 'no training step or evaluation batch finished' in stalls[0]
   assert f'exits with status {watchdog.EXIT_STATUS}' in stalls[0]
-
-
-def _image_folder(root, per_class):
-  rng = np.random.default_rng(0)
-  for split, count in (('train', per_class), ('validation', 4)):
-    for name in ('a', 'b'):
-      os.makedirs(os.path.join(root, split, name))
-      for i in range(count):
-        with open(os.path.join(root, split, name, f'{i}.jpg'), 'wb') as f:
-          f.write(encode_jpeg(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)))
-
-
-def stalled_image_folder(root, cache_dir, per_class=24):
-  """An image folder whose first training image becomes a named pipe that nobody writes,
-  after the scan found the image readable: reading it blocks, as on a hung file system."""
-  _image_folder(root, per_class)
-  config = tiny_config('', dataset='image_folder', data_dir=root, cache_dir=cache_dir)
-  pipeline.get_dataset_info(config)  # scans and caches the verdicts
-  path = os.path.join(root, 'train', 'a', '0.jpg')
-  os.remove(path)
-  os.mkfifo(path)
-  # The scan cache (keyed by path, size, mtime) says the file was checked readable.
-  split_dir = os.path.join(root, 'train')
-  cache_path = os.path.join(cache_dir, 'image_folder',
-                            hashlib.sha1(split_dir.encode()).hexdigest()[:16] + '.json')
-  with open(cache_path) as f:
-    cache = json.load(f)
-  stat = os.stat(path)
-  cache['files'][path] = [stat.st_size, stat.st_mtime_ns, True]
-  with open(cache_path, 'w') as f:
-    json.dump(cache, f)
-  return ['--config.dataset=image_folder', f'--config.data_dir={root}',
-          f'--config.cache_dir={cache_dir}']
 
 
 @pytest.mark.slow
