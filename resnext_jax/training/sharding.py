@@ -28,14 +28,18 @@ def create_mesh(mesh_shape: Sequence[int] = (-1,)) -> Mesh:
   if size < 1 or size > jax.device_count():
     raise ValueError(f'config.mesh_shape={shape} asks for {size} devices but '
                      f'{jax.device_count()} are available.')
-  processes = jax.process_count()
-  if size % processes:
+  return Mesh(np.asarray(spread_over_processes(jax.devices(), size, shape)), (DATA_AXIS,))
+
+
+def spread_over_processes(devices: Sequence[Any], size: int, shape: tuple) -> list[Any]:
+  """`size` of `devices`, the same number from every process, in process order."""
+  processes = sorted({d.process_index for d in devices})
+  if size % len(processes):
     raise ValueError(f'config.mesh_shape={shape}: {size} devices do not split evenly over '
-                     f'the {processes} processes; use a multiple of {processes}, or (-1,).')
-  per_process = size // processes
-  devices = [d for p in range(processes)
-             for d in [d for d in jax.devices() if d.process_index == p][:per_process]]
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+                     f'the {len(processes)} processes; use a multiple of {len(processes)}, '
+                     'or (-1,).')
+  per_process = size // len(processes)
+  return [d for p in processes for d in [d for d in devices if d.process_index == p][:per_process]]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

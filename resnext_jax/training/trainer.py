@@ -92,6 +92,16 @@ def _round_eval_batch(config: ml_collections.ConfigDict,
   return config
 
 
+def fit_to_devices(
+    config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, jax.sharding.Mesh]:
+  """The config checked against the devices (and its eval batch fitted to them), with
+  the mesh it runs on."""
+  _check_intervals(config)
+  mesh = sharding.create_mesh(config.mesh_shape)
+  sharding.check_batch_size(config.batch_size, mesh)
+  return _round_eval_batch(config, mesh), mesh
+
+
 def _num_classes(config: ml_collections.ConfigDict, info: DatasetInfo) -> int:
   if config.num_classes <= 0:
     return info.num_classes
@@ -105,10 +115,7 @@ def _num_classes(config: ml_collections.ConfigDict, info: DatasetInfo) -> int:
 def _create_context(config: ml_collections.ConfigDict, workdir: str,
                     stop: distributed.StopRequest) -> RunContext:
   """Checks the config against the devices and data, builds everything, logs the choices."""
-  _check_intervals(config)
-  mesh = sharding.create_mesh(config.mesh_shape)
-  sharding.check_batch_size(config.batch_size, mesh)
-  config = _round_eval_batch(config, mesh)
+  config, mesh = fit_to_devices(config)
   info = pipeline.get_dataset_info(config)
   num_classes = _num_classes(config, info)
   model = build_model(config, num_classes)
@@ -252,10 +259,9 @@ def _restore_or_create(run: RunContext) -> tuple[steps.TrainState, dict | None, 
   pending_eval = bool(saved) and _is_eval_step(run, saved[-1]) and (
       saved[-1] not in evaluated_steps(run.workdir))
   distributed.check_same_everywhere({
-      f'checkpoint steps in {run.ckpts.directory}': saved,
-      f'evaluation of step {saved[-1] if saved else 0} still to do': pending_eval,
-      f'training examples of {config.dataset} ({config.data_dir or "tfds"})':
-          info.num_train_examples,
+      'checkpoint steps in WORKDIR/checkpoints': saved,
+      'evaluation of the latest checkpoint still to do': pending_eval,
+      'training examples': info.num_train_examples,
       'evaluation examples': info.num_eval_examples, 'classes': info.num_classes})
   if not saved:
     variables = initial_variables(config, run.model)

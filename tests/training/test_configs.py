@@ -7,7 +7,7 @@ import os
 import pytest
 
 from resnext_jax.model.resnext import ARCHS
-from resnext_jax.training import default_config
+from resnext_jax.training import default_config, trainer
 from tests.helpers import ROOT
 
 CONFIG_DIR = os.path.join(ROOT, 'configs')
@@ -59,3 +59,14 @@ def test_the_tv2_config_follows_torchvisions_v2_recipe():
   assert (config.ema_decay, config.ema_every_steps) == (0.99998, 32)
   assert (config.train_image_size, config.eval_resize_size, config.image_size) == (176, 232,
                                                                                    224)
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_config_fits_1_2_4_and_8_devices(path):
+  for devices in (1, 2, 4, 8):
+    config = load(path).get_config()
+    config.mesh_shape = (devices,)
+    fitted, mesh = trainer.fit_to_devices(config)
+    assert mesh.devices.size == devices
+    assert fitted.eval_batch_size % devices == 0
+    assert 0 <= fitted.eval_batch_size - config.eval_batch_size < devices

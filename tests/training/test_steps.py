@@ -21,6 +21,19 @@ def test_batch_size_must_divide_over_devices():
     sharding.create_mesh((4, 2))
 
 
+def test_a_smaller_mesh_takes_devices_from_every_process():
+  class Device:
+    def __init__(self, process_index, i):
+      self.process_index, self.id = process_index, i
+
+  devices = [Device(p, i) for p in range(4) for i in range(8)]  # 4 hosts x 8 chips
+  chosen = sharding.spread_over_processes(devices, 8, (8,))
+  assert [(d.process_index, d.id) for d in chosen] == [
+      (p, i) for p in range(4) for i in range(2)]
+  with pytest.raises(ValueError, match=r'6 devices do not split evenly over the 4 processes'):
+    sharding.spread_over_processes(devices, 6, (6,))
+
+
 def _run_steps(mesh, batches, config, model, options=steps.StepOptions()):
   tx = optim.create_optimizer(config, lambda step: 0.1)
   jitted = steps.jit_steps(model, tx, mesh, learning_rate_fn=lambda step: 0.1,
