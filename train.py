@@ -8,6 +8,7 @@ or name the coordinator yourself with --coordinator_address, --num_processes and
 exit status 1.
 """
 
+import os
 import sys
 
 from resnext_jax import host_memory
@@ -22,16 +23,27 @@ from resnext_jax.training import checkpoints, distributed, trainer  # pylint: di
 from resnext_jax.weights import download  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
+
+
+def _environment_int(name: str) -> int | None:
+  return int(os.environ[name]) if os.environ.get(name, '').isdigit() else None
+
+
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.jsonl.')
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() with the cluster auto-detected '
                   '(TPU pod slices, SLURM, Open MPI, Kubernetes).')
-flags.DEFINE_string('coordinator_address', None,
-                    'host:port of process 0, for multi-process runs without auto-detection.')
-flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
-flags.DEFINE_integer('process_id', None, 'This process\' index (with --coordinator_address).')
+flags.DEFINE_string('coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS'),
+                    'host:port of process 0, for multi-process runs without auto-detection '
+                    '(default: $JAX_COORDINATOR_ADDRESS).')
+flags.DEFINE_integer('num_processes', _environment_int('JAX_NUM_PROCESSES'),
+                     'Number of processes (with --coordinator_address; default: '
+                     '$JAX_NUM_PROCESSES).')
+flags.DEFINE_integer('process_id', _environment_int('JAX_PROCESS_ID'),
+                     'This process\' index (with --coordinator_address; default: '
+                     '$JAX_PROCESS_ID).')
 flags.DEFINE_integer('initialization_timeout_secs', distributed.Timeouts.initialization,
                      'Seconds for every process to connect to the coordinator.')
 flags.DEFINE_integer('heartbeat_timeout_secs', distributed.Timeouts.heartbeat,
