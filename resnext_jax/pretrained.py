@@ -18,8 +18,9 @@ import sys
 import urllib.parse
 
 import jax
+from etils import epath
 
-from resnext_jax import convert
+from resnext_jax import convert, storage
 from resnext_jax.model.resnext import ARCHS, ResNeXt, create_model
 from resnext_jax.training import checkpoints
 from resnext_jax.weights import download, registry
@@ -62,10 +63,10 @@ def load_pretrained(name_or_url: str, *, arch: str | ResNeXt | None = None,
   """
   source = str(name_or_url)
   entry = registry.REGISTRY.get(source) or registry.BY_URL.get(source)
-  local_dir = os.path.expanduser(source)
-  if entry is None and os.path.isdir(local_dir):
-    variables = checkpoints.load_variables(local_dir, ema=ema)
-    info = checkpoints.find_model_info(local_dir) or {}
+  directory = storage.resolve(source) if not _is_url(source) else None
+  if entry is None and directory and epath.Path(directory).is_dir():
+    variables = checkpoints.load_variables(directory, ema=ema)
+    info = checkpoints.find_model_info(directory) or {}
     if isinstance(arch, str):
       info = {**info, 'arch': arch}
     return variables, _info(source, info, variables, entry)

@@ -76,14 +76,14 @@ def test_the_command_line_prints_json_and_skips_a_corrupt_file(trained, tmp_path
 
 
 def test_eval_only_refuses_weights_with_another_head(tmp_path):
-  """Evaluating a 5-class run on a 5-class dataset works; forcing 3 classes is refused."""
+  """Evaluating a 5-class run on a 5-class dataset works; forcing 7 classes is refused."""
   from tests.helpers import tiny_config  # pylint: disable=g-import-not-at-top
   shapes_dir = str(tmp_path / 'shapes')
   workdir = str(tmp_path / 'run')
   trainer.train_and_evaluate(tiny_config(shapes_dir, num_train_steps=1,
                                          checkpoint_every_steps=1), workdir)
-  config = tiny_config(shapes_dir, eval_only=True, init_from=workdir, num_classes=3)
+  config = tiny_config(shapes_dir, eval_only=True, init_from=workdir, num_classes=7)
   with pytest.raises(ValueError, match=r'init_from=.* has a head of another class count'
                                        r'(.|\n)*params/fc/bias: checkpoint \(5,\), this '
-                                       r'config \(3,\)'):
+                                       r'config \(7,\)'):
     trainer.train_and_evaluate(config, str(tmp_path / 'eval'))

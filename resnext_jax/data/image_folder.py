@@ -12,7 +12,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from resnext_jax.cache import atomic_file
+from resnext_jax import storage
 from resnext_jax.data.dataset import DatasetInfo, Source, Split, numpy_load
 from resnext_jax.data.preprocessing import decode_image
 
@@ -21,6 +21,11 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 
 def image_folder_source(root: str, splits: tuple[str, ...], cache_dir: str) -> Source:
   """Scans and validates ROOT/<split>/<class>/<image> for each split; classes must agree."""
+  if storage.is_remote(root):
+    raise ValueError(
+        f'config.data_dir={root}: image folders are read from a local or mounted file system '
+        '(e.g. gcsfuse for a bucket). For data in a bucket, prepare it as a tfds dataset, '
+        'which is read from gs:// directly.')
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
     raise FileNotFoundError(
@@ -147,14 +152,12 @@ def _readable(paths: list[str], where: str) -> set[str]:
 
 def _read_json(path: str) -> dict[str, Any]:
   try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
+    return json.loads(storage.read_text(path) or '{}')
+  except ValueError:
     return {}
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-  """Writes atomically, so that concurrent processes never read half a file."""
-  with atomic_file(path) as partial:
-    with open(partial, 'w') as f:
-      json.dump(data, f)
+  """Writes the whole file at once (config.cache_dir may be a bucket), so that concurrent
+  processes never read half of it."""
+  storage.write_text(path, json.dumps(data))

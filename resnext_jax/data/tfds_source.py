@@ -86,6 +86,12 @@ def _prepare_tfds(builder, manual_dir: str) -> None:
           f'ImageNet), or beforehand with {how}.'
           + (f' Missing in {manual_dir}: {", ".join(missing)}.' if manual_dir else '')
           + f'\ntfds says:\n{instructions}')
+  if '://' in str(builder.data_dir_root):
+    raise ValueError(
+        f'tfds dataset {name!r} is not prepared in {builder.data_dir_root}, and it cannot be '
+        'prepared there: array_record files are written to local disk only. Prepare it on '
+        f'a local disk ({how} with a local --data_dir), then copy the folder up '
+        f'(`gcloud storage cp -r LOCAL_DATA_DIR/{name} {builder.data_dir_root}/`).')
   if jax.process_count() > 1:
     raise RuntimeError(
         f'tfds dataset {name!r} is not prepared in {builder.data_dir_root}. Prepare it once '

@@ -17,8 +17,7 @@ A *training workdir* holds an Orbax `CheckpointManager` directory:
 
 import json
 import os
-import shutil
-import tempfile
+import uuid
 from typing import Any
 
 import flax
@@ -28,7 +27,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-from resnext_jax.cache import atomic_file
+from resnext_jax import storage
 
 VARIABLES_ITEM = 'variables'
 CHECKPOINTS_DIR = 'checkpoints'
@@ -44,11 +43,12 @@ class CheckpointError(ValueError):
 
 def check_output_dir(directory: str, overwrite: bool) -> None:
   """Refuses to write into a non-empty directory (or over a file) unless `overwrite`."""
-  if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
+  path = epath.Path(directory)
+  if path.is_dir() and any(path.iterdir()) and not overwrite:
     raise CheckpointError(
         f'Output directory {directory} exists and is not empty; choose a new directory '
         'or pass --overwrite to replace it.')
-  if os.path.exists(directory) and not os.path.isdir(directory):
+  if path.exists() and not path.is_dir():
     raise CheckpointError(f'Output path {directory} exists and is not a directory.')
 
 
@@ -57,49 +57,43 @@ def save_variables(variables: dict, directory: str, *, model_info: dict[str, Any
   """Writes `variables` and `model_info` to `directory` atomically.
 
   The checkpoint is written to a temporary sibling and renamed into place, so a failure
-  half-way never leaves a directory that looks complete. An existing non-empty
-  `directory` is refused unless `overwrite`.
+  half-way never leaves a directory that looks complete (on a local disk; on a bucket the
+  rename copies object by object). An existing
+  non-empty `directory` (local or `gs://...`) is refused unless `overwrite`.
   """
-  directory = os.path.abspath(directory)
+  directory = storage.resolve(directory)
   check_output_dir(directory, overwrite)
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.' + os.path.basename(directory) + '.', dir=parent)
+  target = epath.Path(directory)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  staging = target.parent / f'.{target.name}.partial-{uuid.uuid4().hex[:8]}'
   try:
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(staging, VARIABLES_ITEM),
-                      jax.tree.map(np.asarray, variables))
+    checkpointer.save(staging / VARIABLES_ITEM, jax.tree.map(np.asarray, variables))
     checkpointer.wait_until_finished()
-    write_model_info(staging, model_info)
-    os.chmod(staging, 0o755)  # mkdtemp's 0700 would lock out others sharing a cache
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.rename(staging, directory)
+    write_model_info(str(staging), model_info)
+    if target.exists():
+      target.rmtree()
+    staging.rename(target)
   finally:
-    if os.path.exists(staging):
-      shutil.rmtree(staging)
+    if staging.exists():
+      staging.rmtree()
 
 
 def read_model_info(directory: str) -> dict[str, Any] | None:
   """The `model.json` written beside converted variables, or None where there is none."""
-  path = os.path.join(directory, MODEL_INFO_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  text = storage.read_text(os.path.join(directory, MODEL_INFO_FILE))
+  return None if text is None else json.loads(text)
 
 
 def write_model_info(directory: str, model_info: dict[str, Any]) -> None:
   """Writes `model.json` into `directory` atomically (a reader never sees half a file)."""
-  with atomic_file(os.path.join(directory, MODEL_INFO_FILE)) as partial:
-    with open(partial, 'w') as f:
-      json.dump(model_info, f, indent=2)
+  storage.write_text(os.path.join(directory, MODEL_INFO_FILE), json.dumps(model_info, indent=2))
 
 
 def find_model_info(path: str) -> dict[str, Any] | None:
   """The `model.json` of `path` or of the workdir it lies in (a step directory, or the
   `checkpoints/` folder); None if there is none."""
-  path = os.path.abspath(os.path.expanduser(path))
+  path = storage.resolve(path)
   for directory in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
     info = read_model_info(directory)
     if info is not None:
@@ -108,8 +102,8 @@ def find_model_info(path: str) -> dict[str, Any] | None:
 
 
 def _latest_step_dir(checkpoints_dir: str) -> str | None:
-  steps = [int(name) for name in os.listdir(checkpoints_dir) if name.isdigit()
-           and os.path.isdir(os.path.join(checkpoints_dir, name, STATE_ITEM))]
+  steps = [int(p.name) for p in epath.Path(checkpoints_dir).iterdir()
+           if p.name.isdigit() and (p / STATE_ITEM).is_dir()]
   return os.path.join(checkpoints_dir, str(max(steps))) if steps else None
 
 
@@ -155,19 +149,19 @@ def load_variables(path: str, *, ema: bool = False) -> dict:
   average of a training checkpoint (a run with config.ema_decay > 0) instead of its
   weights.
   """
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(path):
+  path = storage.resolve(path)
+  if not epath.Path(path).exists():
     raise CheckpointError(f'No checkpoint at {path}: the path does not exist.')
-  if os.path.isdir(os.path.join(path, VARIABLES_ITEM)):
+  if epath.Path(path, VARIABLES_ITEM).is_dir():
     if ema:
       raise CheckpointError(f'{path} holds converted or exported weights, without a moving '
                             'average: load it without ema (ema=False; '
                             'config.init_from_ema=False).')
     restored = _restore_as_numpy(os.path.join(path, VARIABLES_ITEM))
   else:
-    step_dir = path if os.path.isdir(os.path.join(path, STATE_ITEM)) else None
+    step_dir = path if epath.Path(path, STATE_ITEM).is_dir() else None
     for candidate in (os.path.join(path, CHECKPOINTS_DIR), path):
-      if step_dir is None and os.path.isdir(candidate):
+      if step_dir is None and epath.Path(candidate).is_dir():
         step_dir = _latest_step_dir(candidate)
     if step_dir is None:
       raise CheckpointError(
@@ -197,7 +191,7 @@ class TrainingCheckpoints:
   """
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, timeout_secs: int = 1200):
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+    self.directory = os.path.join(storage.resolve(workdir), CHECKPOINTS_DIR)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -217,16 +211,16 @@ class TrainingCheckpoints:
     """Moves an unreadable checkpoint out of the way (to `UNREADABLE_DIR` beside the
     checkpoints, kept for inspection), so that the run can save that step again; returns
     where it went."""
-    target = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR, str(step))
+    target = epath.Path(os.path.dirname(self.directory), UNREADABLE_DIR, str(step))
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      if os.path.exists(target):
-        shutil.rmtree(target)
-      os.rename(os.path.join(self.directory, str(step)), target)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        target.rmtree()
+      epath.Path(self.directory, str(step)).rename(target)
     if jax.process_count() > 1:  # the others read the folder only once it has moved
       multihost_utils.sync_global_devices(f'resnext_jax_set_aside_{step}')
     self._manager.reload()
-    return target
+    return str(target)
 
   def save(self, step: int, state: Any, data_position: dict) -> None:
     self._manager.save(step, args=ocp.args.Composite(**{

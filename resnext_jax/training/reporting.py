@@ -16,6 +16,8 @@ import jax
 from absl import logging
 from clu import metric_writers
 
+from resnext_jax import storage
+
 
 class _DropLibraryInfo(std_logging.Filter):
   """Keeps Orbax's per-save INFO chatter (dozens of lines a checkpoint) off the console."""
@@ -50,8 +52,7 @@ class MetricsReporter:
       return
     self._writer.write_scalars(step, {k: float(v) for k, v in scalars.items()})
     exact = {k: v if isinstance(v, int) else float(v) for k, v in scalars.items()}
-    with open(self._jsonl_path, 'a') as f:
-      f.write(json.dumps({'step': int(step), **exact}) + '\n')
+    storage.append_text(self._jsonl_path, json.dumps({'step': int(step), **exact}) + '\n')
 
   def close(self) -> None:
     if self._writer is not None:
@@ -61,11 +62,11 @@ class MetricsReporter:
 
 def evaluated_steps(workdir: str) -> set[int]:
   """The steps metrics.jsonl has an evaluation of (a resumed run finishes a missing one)."""
+  text = storage.read_text(os.path.join(workdir, 'metrics.jsonl')) or ''
   try:
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      records = [json.loads(line) for line in f if '"eval_loss"' in line]
-  except (OSError, ValueError):
-    return set()
+    records = [json.loads(line) for line in text.splitlines() if '"eval_loss"' in line]
+  except ValueError:  # a line cut short by a crash: judge by the whole lines
+    records = [json.loads(line) for line in text.splitlines()[:-1] if '"eval_loss"' in line]
   return {int(r['step']) for r in records}
 
 

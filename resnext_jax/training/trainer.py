@@ -16,8 +16,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
+from resnext_jax import storage
 from resnext_jax.data import pipeline
 from resnext_jax.data.prefetch import DevicePrefetcher
 from resnext_jax.data.dataset import DatasetInfo
@@ -197,8 +199,8 @@ def _write_run_files(run: RunContext) -> None:
   config, info = run.config, run.info
   if jax.process_index() != 0:
     return
-  with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  storage.write_text(os.path.join(run.workdir, 'config.json'),
+                     config.to_json_best_effort(indent=2))
   model = run.model
   checkpoints.write_model_info(run.workdir, {
       'arch': config.arch, 'num_classes': model.num_classes, 'source': 'training run',
@@ -214,15 +216,16 @@ def _check_workdir(workdir: str) -> None:
   """Creates the workdir and writes a file into it, so that an unwritable or full one is
   named before the data is prepared or a step is run."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_check_{jax.process_index()}')
-    with open(probe, 'w') as f:
-      f.write('resnext_jax')
-    os.remove(probe)
-  except OSError as e:
-    fix = ('free some space or choose another --workdir' if e.errno == errno.ENOSPC
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    probe = epath.Path(workdir, f'.write_check_{jax.process_index()}')
+    probe.write_text('resnext_jax')
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except  (OSError; tf.errors on gs://)
+    fix = ('free some space or choose another --workdir'
+           if getattr(e, 'errno', None) == errno.ENOSPC
            else 'choose a --workdir this user can write to')
-    raise ValueError(f'Cannot write to the workdir {workdir}: {e.strerror or e}; {fix}.') from e
+    reason = getattr(e, 'strerror', None) or str(e).splitlines()[0]
+    raise ValueError(f'Cannot write to the workdir {workdir}: {reason}; {fix}.') from e
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -231,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Stopped by SIGTERM, it returns `{'stopped_at_step': N}` after saving step N (or raises
   `distributed.Preempted` when that came before the first step).
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = storage.resolve(workdir)
   _check_workdir(workdir)
   quiet_library_logs()
   with distributed.StopRequest() as stop:
