@@ -1,6 +1,6 @@
 """A local Cloud Storage emulator that the whole gs:// stack can be pointed at.
 
-The stack holds three separate GCS clients, each redirected its own way:
+The stack holds four separate GCS clients, each redirected its own way:
 
 * TensorFlow's C++ filesystem (tf.io.gfile, hence etils.epath's default gs:// backend,
   Orbax's metadata files, tf.summary, tfds) has no endpoint setting: its URLs are the
@@ -9,7 +9,10 @@ The stack holds three separate GCS clients, each redirected its own way:
   `CURL_CA_BUNDLE`, so a CONNECT proxy started here answers for those two hosts with a
   throwaway certificate and relays the requests to the emulator.
 * TensorStore (Orbax's array data) reads `TENSORSTORE_GCS_HTTP_URL`.
-* gcsfs and google-cloud-storage read `STORAGE_EMULATOR_HOST`.
+* google-cloud-cpp, inside array_record (tfds' array_record files on gs://, read through
+  riegeli's GcsReader), reads `CLOUD_STORAGE_EMULATOR_ENDPOINT`.
+* google-cloud-storage (which Orbax asks whether a bucket has a hierarchical namespace)
+  and gcsfs read `STORAGE_EMULATOR_HOST`.
 
 `GOOGLE_AUTH_TOKEN_FOR_TESTING` makes TensorFlow and TensorStore use a fixed token instead
 of looking for credentials or probing the GCE metadata server.
@@ -27,6 +30,7 @@ Run as a script (`python gcs_emulator.py proxy ...`) this file is the proxy itse
 runs in its own process because tf.io.gfile may hold the GIL while it waits on a request.
 """
 
+import atexit
 import http.client
 import http.server
 import json
@@ -117,6 +121,7 @@ class GcsEmulator:
     self.env = {
         'STORAGE_EMULATOR_HOST': emulator_url,
         'TENSORSTORE_GCS_HTTP_URL': emulator_url,
+        'CLOUD_STORAGE_EMULATOR_ENDPOINT': emulator_url,
         'https_proxy': proxy_url,
         'HTTPS_PROXY': proxy_url,
         # An inherited no_proxy could send www.googleapis.com past the proxy.
@@ -133,6 +138,7 @@ class GcsEmulator:
     if self._apply_env:
       self._saved_env = {k: os.environ.get(k) for k in self.env}
       os.environ.update(self.env)
+    atexit.register(self.stop)  # or the servers outlive a test process that never stops them
     return self
 
   def _spawn(self, name, args, port):
@@ -143,6 +149,7 @@ class GcsEmulator:
     _wait_until_listening(port, process, log_path)
 
   def stop(self):
+    atexit.unregister(self.stop)
     for process in reversed(self._processes):
       process.terminate()
       try:
@@ -211,6 +218,14 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
   def _relay(self):
     body = self._read_body()
+    route = self.path.split('?')[0].split('/')
+    if self.command == 'GET' and route[1:4] == ['storage', 'v1', 'b'] and route[5:] == [
+        'storageLayout']:
+      # Missing from fake-gcs-server; TensorFlow asks it before renaming a directory.
+      self._answer(200, [('Content-Type', 'application/json')], json.dumps({
+          'kind': 'storage#storageLayout', 'bucket': route[4],
+          'hierarchicalNamespace': {'enabled': False}}).encode())
+      return
     upstream = http.client.HTTPConnection(self.server.emulator_host, timeout=60)
     try:
       upstream.request(self.command, self.path, body=body,
@@ -220,12 +235,18 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
       data = response.read()
     finally:
       upstream.close()
-    self.send_response(response.status, response.reason)
+    headers = []
     for k, v in response.getheaders():
       if k.lower() == 'location':  # the emulator answers http://www.googleapis.com/...
         v = v.replace('http://', 'https://', 1)
       if k.lower() not in _HOP_HEADERS:
-        self.send_header(k, v)
+        headers.append((k, v))
+    self._answer(response.status, headers, data)
+
+  def _answer(self, status, headers, data):
+    self.send_response(status)
+    for k, v in headers:
+      self.send_header(k, v)
     self.send_header('Content-Length', str(len(data)))
     self.end_headers()
     if self.command != 'HEAD':
