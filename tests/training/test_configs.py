@@ -7,7 +7,7 @@ import os
 import pytest
 
 from resnext_jax.model.resnext import ARCHS
-from resnext_jax.training import default_config, trainer
+from resnext_jax.training import default_config, run_config
 from tests.helpers import ROOT
 
 CONFIG_DIR = os.path.join(ROOT, 'configs')
@@ -66,7 +66,7 @@ def test_config_fits_1_2_4_and_8_devices(path):
   for devices in (1, 2, 4, 8):
     config = load(path).get_config()
     config.mesh_shape = (devices,)
-    fitted, mesh = trainer.fit_to_devices(config)
+    fitted, mesh = run_config.fit_to_devices(config)
     assert mesh.devices.size == devices
     assert fitted.eval_batch_size % devices == 0
     assert 0 <= fitted.eval_batch_size - config.eval_batch_size < devices

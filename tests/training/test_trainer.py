@@ -17,7 +17,7 @@ from configs import resnext50
 from resnext_jax import convert
 from resnext_jax.model.resnext import ResNeXt
 from resnext_jax.data import pipeline
-from resnext_jax.training import checkpoints, steps, trainer
+from resnext_jax.training import checkpoints, run_config, steps, trainer
 from resnext_jax.training.reporting import INPUT_BOUND_SHARE, PHASES
 from tests import helpers
 from tests.helpers import (ROOT, TINY_MODEL, config_with, leaves, read_metrics, tiny_config,
@@ -193,7 +193,7 @@ def test_resnext50_config_runs_on_imagenet_prepared_by_tfds(tmp_path):
 
 def test_registered_weights_are_evaluated_as_their_publisher_did():
   def resize_and_interpolation(**overrides):
-    return trainer._eval_preprocessing(config_with(**overrides))  # pylint: disable=protected-access
+    return run_config.eval_preprocessing(config_with(**overrides))
 
   tv2, ra = 'resnext50_32x4d.tv2_in1k', 'resnext50_32x4d.ra_in1k'
   assert resize_and_interpolation() == (256, 'bilinear')  # image_size 224 / 0.875
