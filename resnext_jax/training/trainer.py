@@ -266,7 +266,8 @@ def _format_metrics(metrics: dict[str, float]) -> str:
 
 
 class _StepMetrics:
-  """Train metrics still on the device, checked for divergence before each log and save."""
+  """Train metrics still on the device, checked for divergence before each log and save
+  (which it does, so that no diverged state is ever saved)."""
 
   def __init__(self, run: RunContext, last_saved: int | None):
     self._run = run
@@ -293,6 +294,26 @@ class _StepMetrics:
             'the data.')
     self.logged.extend(fetched)
 
+  def save(self, step: int, state: steps.TrainState, batches: DevicePrefetcher,
+           times: PhaseTimes) -> None:
+    with times.phase('step'):
+      self.check(step)
+    with times.phase('checkpoint'), self._run.watchdog.paused():
+      # With the position of the next batch a step would take.
+      self._run.ckpts.save(step, state, batches.get_state())
+    self.last_saved = step
+
+  def stop_at(self, step: int, state: steps.TrainState, batches: DevicePrefetcher,
+              times: PhaseTimes) -> dict[str, int]:
+    """Saves `step` (unless saved already) for a SIGTERM, waits for the save, says so."""
+    if self.last_saved != step:
+      self.save(step, state, batches, times)
+    with self._run.watchdog.paused():
+      self._run.ckpts.wait()
+    logging.warning('SIGTERM received: saved a checkpoint at step %d in %s and stopped. '
+                    'Rerun the same command to continue.', step, self._run.ckpts.directory)
+    return {'stopped_at_step': step}
+
 
 def _train(run: RunContext) -> dict[str, float]:
   config, schedule, ckpts = run.config, run.schedule, run.ckpts
@@ -304,23 +325,7 @@ def _train(run: RunContext) -> dict[str, float]:
   log = _TrainLog(run, start_step)
   metrics = _StepMetrics(run, start_step if ckpts.latest_step() is not None else None)
   final_metrics: dict[str, float] = {}
-
-  def save(step, batches):
-    with log.times.phase('step'):
-      metrics.check(step)  # never checkpoint a diverged state
-    with log.times.phase('checkpoint'), run.watchdog.paused():
-      ckpts.save(step, state, batches.get_state())  # the next batch a step would take
-    metrics.last_saved = step
-
-  def stop_at(step, batches):
-    if metrics.last_saved != step:
-      save(step, batches)
-    with run.watchdog.paused():
-      ckpts.wait()
-    logging.warning('SIGTERM received: saved a checkpoint at step %d in %s and stopped. '
-                    'Rerun the same command to continue.', step, ckpts.directory)
-    return {'stopped_at_step': step}
-
+  stop_at = lambda step: metrics.stop_at(step, state, batches, log.times)
   to_device = lambda batch: pipeline.make_global_batch(batch, run.batch_sharding)
   # On an accelerator the next step is dispatched while the current one runs, so the
   # device never waits for the host. On a CPU that only makes two steps' scratch buffers
@@ -334,7 +339,7 @@ def _train(run: RunContext) -> dict[str, float]:
                    start_step)
       final_metrics = log.evaluate(state, start_step)
       if final_metrics is None:
-        return stop_at(start_step, batches)
+        return stop_at(start_step)
     for step in range(start_step + 1, schedule.total_steps + 1):
       with log.times.phase('input'):
         batch = next(batches)
@@ -345,7 +350,7 @@ def _train(run: RunContext) -> dict[str, float]:
       run.watchdog.progress()
       metrics.add(step_metrics)
       if run.stop.requested():
-        return stop_at(step, batches)
+        return stop_at(step)
       is_last = step == schedule.total_steps
       if step % config.log_every_steps == 0 or is_last:
         with log.times.phase('step'):
@@ -353,11 +358,11 @@ def _train(run: RunContext) -> dict[str, float]:
         log.write(step, metrics.logged)
         metrics.logged.clear()
       if step % config.checkpoint_every_steps == 0 or is_last:
-        save(step, batches)
+        metrics.save(step, state, batches, log.times)
       if _is_eval_step(run, step):
         final_metrics = log.evaluate(state, step)
         if final_metrics is None:
-          return stop_at(step, batches)
+          return stop_at(step)
 
   with run.watchdog.paused():
     ckpts.wait()
