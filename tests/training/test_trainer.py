@@ -1,11 +1,10 @@
-"""The main job end to end: train.py, configs, checkpoints, resume, SIGTERM, NaN, finetuning."""
+"""The main job end to end: train.py, configs, checkpoints, resume, NaN, finetuning. (SIGTERM:
+test_faults.py, test_multihost.py and, for one process, test_remote_storage.py.)"""
 
 import json
 import logging
 import os
 import re
-import signal
-import subprocess
 import time
 
 import numpy as np
@@ -20,8 +19,7 @@ from resnext_jax.data import pipeline
 from resnext_jax.training import checkpoints, run_config, steps, trainer
 from resnext_jax.training.reporting import INPUT_BOUND_SHARE, PHASES
 from tests import helpers
-from tests.helpers import (ROOT, TINY_MODEL, config_with, leaves, read_metrics, tiny_config,
-                           train_command)
+from tests.helpers import TINY_MODEL, config_with, leaves, read_metrics, tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -59,38 +57,6 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(shapes_dir, tmp_path):
   trainer.train_and_evaluate(tiny_config(shapes_dir), split)  # resumes at step 3
   for a, b in zip(leaves(checkpoints.load_variables(whole)),
                   leaves(checkpoints.load_variables(split))):
-    np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.slow
-def test_sigterm_saves_and_the_rerun_finishes_exactly_like_an_uninterrupted_run(
-    shapes_dir, tmp_path):
-  steps = 40
-  workdir = str(tmp_path / 'preempted')
-  command = train_command(workdir, shapes_dir, steps)
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  deadline = time.time() + 300
-  while time.time() < deadline and process.poll() is None:
-    if os.path.exists(metrics_path) and len(open(metrics_path).readlines()) >= 3:
-      break
-    time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)
-  output, _ = process.communicate(timeout=300)
-  assert process.returncode == 0, output
-  assert 'SIGTERM received: saved a checkpoint at step' in output
-  stopped_at = checkpoints.TrainingCheckpoints(workdir).latest_step()
-  assert 3 <= stopped_at < steps
-
-  rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert rerun.returncode == 0, rerun.stderr
-  assert f'Resumed from {workdir}/checkpoints/{stopped_at}' in rerun.stderr
-  reference = str(tmp_path / 'reference')
-  subprocess.run(train_command(reference, shapes_dir, steps), cwd=ROOT, check=True,
-                 capture_output=True, timeout=300)
-  for a, b in zip(leaves(checkpoints.load_variables(workdir)),
-                  leaves(checkpoints.load_variables(reference))):
     np.testing.assert_array_equal(a, b)
 
 
