@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "ffi_common.h"
@@ -88,6 +89,16 @@ inline void Tile(const float* const* a, int64_t segments, int64_t segment_stride
   }
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < V; ++j) S::Store(c + r * ldc + j * kLanes, acc[r][j]);
+}
+
+// Calls tiles(std::integral_constant<int, R>(), start) for tiles of R rows that cover
+// [begin, end): R = kTileRows, then R / 2, R / 4, ... for the rest. A tile of few rows
+// reuses each weight vector less and runs short chains of dependent multiply-adds, so
+// the rest goes in as few tiles as possible.
+template <int R = kTileRows, typename F>
+inline void ForTiles(int64_t begin, int64_t end, const F& tiles) {
+  for (; begin + R <= end; begin += R) tiles(std::integral_constant<int, R>(), begin);
+  if constexpr (R > 1) ForTiles<R / 2>(begin, end, tiles);
 }
 
 // Tile over the panel of output channels that starts at `column`: a full one, or the

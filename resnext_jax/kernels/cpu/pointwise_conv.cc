@@ -31,6 +31,7 @@
 
 namespace ffi = xla::ffi;
 using resnext_jax::Epilogue;
+using resnext_jax::ForTiles;
 using resnext_jax::kChannelBlock;
 using resnext_jax::kDepthBlock;
 using resnext_jax::kPanel;
@@ -42,7 +43,9 @@ using resnext_jax::PanelTile;
 
 namespace {
 
-constexpr int64_t kRowBlock = 192;     // output pixels per work item
+// Output pixels per work item: about 192, in whole tiles (196 = 14 x 14 tiles of AVX-512
+// also divides the 16 x 56 x 56, ... 16 x 7 x 7 pixels of a ResNeXt at batch 16).
+constexpr int64_t kRowBlock = (192 + kTileRows - 1) / kTileRows * kTileRows;
 constexpr int64_t kColumnBlock = 256;  // output channels per work item
 
 struct Geometry {
@@ -64,8 +67,7 @@ void Block(const float* x, const float* packed, const Geometry& g, const Epilogu
     const bool first = k0 == 0, last = k0 + depth == g.c;
     // Panel p of depth block k0 starts at k0 * co + p * depth * kPanel (see Pack).
     const float* b0 = packed + k0 * g.co;
-    int64_t m = m0;
-    auto tiles = [&](auto rows_per_tile) {
+    ForTiles(m0, m1, [&](auto rows_per_tile, int64_t m) {
       constexpr int R = decltype(rows_per_tile)::value;
       const float* a[R];
       for (int r = 0; r < R; ++r) a[r] = g.InputRow(x, m + r) + k0;
@@ -73,10 +75,7 @@ void Block(const float* x, const float* packed, const Geometry& g, const Epilogu
         PanelTile<R>(a, 1, 0, b0 + (col / kPanel) * depth * kPanel, depth,
                      y + m * g.co + col, g.co, first, last, e, col, g.co,
                      residual ? residual + m * g.co + col : nullptr);
-    };
-    for (; m + kTileRows <= m1; m += kTileRows)
-      tiles(std::integral_constant<int, kTileRows>());
-    for (; m < m1; ++m) tiles(std::integral_constant<int, 1>());
+    });
   }
 }
 

@@ -28,6 +28,7 @@
 
 namespace ffi = xla::ffi;
 using resnext_jax::Epilogue;
+using resnext_jax::ForTiles;
 using resnext_jax::kChannelBlock;
 using resnext_jax::kDepthBlock;
 using resnext_jax::kPanel;
@@ -162,25 +163,21 @@ ffi::Error StemConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // One output row of the eval forward pass: kh input rows packed, then tiles of kTileRows
-// pixels (the last ones 1 at a time) through every panel of output channels.
+// pixels (the rest in shorter tiles) through every panel of output channels.
 void ForwardRow(const float* x, const float* packed, const StemGeometry& g,
                 const Epilogue& e, int64_t n, int64_t oh, std::vector<float>& rows,
                 float* y) {
   PackRows(x, g, n, oh, rows);  // rows outside the image are zeros: they add nothing
   float* out = y + (n * g.ho + oh) * g.wo * g.co;
   const int64_t depth = g.row(), row_stride = g.padded_width();
-  auto tiles = [&](auto rows_per_tile, int64_t ow) {
+  ForTiles(0, g.wo, [&](auto rows_per_tile, int64_t ow) {
     constexpr int R = decltype(rows_per_tile)::value;
     const float* a[R];
     for (int r = 0; r < R; ++r) a[r] = rows.data() + (ow + r) * g.sw * g.c;
     for (int64_t col = 0; col < g.co; col += kPanel)
       PanelTile<R>(a, g.kh, row_stride, packed + col * g.kh * depth, depth,
                    out + ow * g.co + col, g.co, true, true, e, col, g.co, nullptr);
-  };
-  int64_t ow = 0;
-  for (; ow + kTileRows <= g.wo; ow += kTileRows)
-    tiles(std::integral_constant<int, kTileRows>(), ow);
-  for (; ow < g.wo; ++ow) tiles(std::integral_constant<int, 1>(), ow);
+  });
 }
 
 ffi::Error StemConvNormalized(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
