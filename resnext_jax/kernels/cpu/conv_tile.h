@@ -3,9 +3,11 @@
 // channels that sums products over input segments and applies the norm, a residual add
 // and a ReLU before storing, and the packing of the weights into panels.
 //
-// A panel is two of the widest vectors (vec.h): 16 output channels with AVX2, 32 with
-// AVX-512, where a last panel of 16 (one vector) takes output counts that are a
-// multiple of 16 but not of 32.
+// A panel is kPanelVectors of the widest vectors (vec.h): 6 pixels x 2 vectors (16
+// channels) in 12 of AVX2's 16 registers; 6 x 4 vectors (64 channels) in 24 of
+// AVX-512's 32, which loads 10 vectors per 24 multiply-adds where 14 x 2 vectors loaded
+// 16 per 28 (and measured a few percent slower). The last panel of a row of output
+// channels may be narrower, in whole vectors.
 
 #ifndef RESNEXT_JAX_CPU_CONV_TILE_H_
 #define RESNEXT_JAX_CPU_CONV_TILE_H_
@@ -21,14 +23,15 @@
 
 namespace resnext_jax {
 
-constexpr int kPanel = 2 * kLanes;  // output channels per full panel (two vectors)
+constexpr int kPanelVectors = kVectorRegisters == 32 ? 4 : 2;
+constexpr int kPanel = kPanelVectors * kLanes;  // output channels per full panel
 // The output channel counts the kernels take are multiples of this (calls.py: blocks of
 // 16), so that every panel is whole vectors.
 constexpr int kChannelBlock = 16;
 static_assert(kPanel % kChannelBlock == 0 && kChannelBlock % kLanes == 0, "panels");
-// Output pixels per register tile: two accumulators each, plus the panel's two weight
+// Output pixels per register tile: a panel of accumulators each, plus the panel's weight
 // vectors and a broadcast input, in the vector registers there are.
-constexpr int kTileRows = (kVectorRegisters - 3) / 2;
+constexpr int kTileRows = (kVectorRegisters - kPanelVectors - 1) / kPanelVectors;
 // Input channels summed per pass over a tile (calls.MAX_STEM_FORWARD_WEIGHTS: the
 // stem packs all its weights as one such block).
 constexpr int64_t kDepthBlock = 256;
@@ -102,16 +105,18 @@ inline void ForTiles(int64_t begin, int64_t end, const F& tiles) {
 }
 
 // Tile over the panel of output channels that starts at `column`: a full one, or the
-// one-vector panel that ends a row of `co` channels.
-template <int R>
+// narrower one that ends a row of `co` channels.
+template <int R, int V = kPanelVectors>
 inline void PanelTile(const float* const* a, int64_t segments, int64_t segment_stride,
                       const float* b, int64_t depth, float* c, int64_t ldc, bool first,
                       bool last, const Epilogue& e, int64_t column, int64_t co,
                       const float* residual) {
-  if (co - column >= kPanel)
-    Tile<R, 2>(a, segments, segment_stride, b, depth, c, ldc, first, last, e, column, residual);
-  else
-    Tile<R, 1>(a, segments, segment_stride, b, depth, c, ldc, first, last, e, column, residual);
+  if constexpr (V > 1) {
+    if (co - column < V * kLanes)
+      return PanelTile<R, V - 1>(a, segments, segment_stride, b, depth, c, ldc, first, last,
+                                 e, column, co, residual);
+  }
+  Tile<R, V>(a, segments, segment_stride, b, depth, c, ldc, first, last, e, column, residual);
 }
 
 // Copies w [c][co] into panels: for each depth block (k0, depth), for each panel p,

@@ -10,7 +10,7 @@
 // its input rows in place instead of from a strided copy.
 //
 // The product is a register-tiled matmul: kTileRows output pixels x a panel of output
-// channels (conv_tile.h: 6 x 16 in 12 AVX2 registers, 14 x 32 in 28 AVX-512 ones). The
+// channels (conv_tile.h: 6 x 16 in 12 AVX2 registers, 6 x 64 in 24 AVX-512 ones). The
 // weights are copied once per call into panels ([C / kDepthBlock][CO / kPanel]
 // [kDepthBlock][kPanel]). A work item is a block of
 // pixels x kColumnBlock output channels; for each block of kDepthBlock input channels
@@ -43,8 +43,7 @@ using resnext_jax::PanelTile;
 
 namespace {
 
-// Output pixels per work item: about 192, in whole tiles (196 = 14 x 14 tiles of AVX-512
-// also divides the 16 x 56 x 56, ... 16 x 7 x 7 pixels of a ResNeXt at batch 16).
+// Output pixels per work item: about 192, in whole tiles.
 constexpr int64_t kRowBlock = (192 + kTileRows - 1) / kTileRows * kTileRows;
 constexpr int64_t kColumnBlock = 256;  // output channels per work item
 

@@ -32,13 +32,13 @@ using resnext_jax::ForTiles;
 using resnext_jax::kChannelBlock;
 using resnext_jax::kDepthBlock;
 using resnext_jax::kPanel;
-using resnext_jax::kTileRows;
 using resnext_jax::NormalizedConvArgs;
 using resnext_jax::PackedWeights;
 using resnext_jax::ParallelFor;
 using resnext_jax::PanelTile;
 using resnext_jax::Simd;
 using resnext_jax::kLanes;
+using resnext_jax::kVectorRegisters;
 using resnext_jax::TwoArraysToOne;
 
 namespace {
@@ -99,6 +99,10 @@ inline void KernelGradTile(const float* xr, const float* dyr, float* dk,
     }
 }
 
+// Inputs per weight-gradient tile: two accumulators each, two output-gradient vectors
+// and a broadcast input in the vector registers (6 with AVX2, 14 with AVX-512).
+constexpr int kGradRows = (kVectorRegisters - 3) / 2;
+
 // Inputs [r, row) of one kernel row in tiles of RT, the rest in tiles of RT / 2, ...
 template <int RT, int V>
 inline void KernelGradTiles(const float* xr, const float* dyr, float* dk,
@@ -115,13 +119,13 @@ void KernelGradRow(const float* x, const float* dy, float* dk, const StemGeometr
   for (int64_t dh = 0; dh < g.kh; ++dh) {
     const int64_t ih = oh * g.sh + dh - g.pad_top;
     if (ih < 0 || ih >= g.h) continue;  // a zero row adds nothing
-    for (int64_t col = 0; col < g.co; col += kPanel) {  // a panel, or the last 16 channels
+    for (int64_t col = 0; col < g.co; col += 2 * kLanes) {  // 2 vectors, or the last 16
       const float* xr = rows.data() + dh * pw;
       float* dkr = dk + dh * g.row() * g.co + col;
-      if (g.co - col >= kPanel)
-        KernelGradTiles<kTileRows, 2>(xr, dyr + col, dkr, g, 0);
+      if (g.co - col >= 2 * kLanes)
+        KernelGradTiles<kGradRows, 2>(xr, dyr + col, dkr, g, 0);
       else
-        KernelGradTiles<kTileRows, 1>(xr, dyr + col, dkr, g, 0);
+        KernelGradTiles<kGradRows, 1>(xr, dyr + col, dkr, g, 0);
     }
   }
 }
