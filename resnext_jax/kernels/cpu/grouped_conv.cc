@@ -8,7 +8,7 @@
 //
 // Layouts: x is NHWC, [N, H, W, G * width]; the kernel is pre-arranged as
 // [G, width / CO, kh, kw, width, CO] (CO = min(width, kGroupBlock) output channels per
-// block, calls.py's group_block()) so that one block's weights are contiguous and fit
+// block, calls.py's _group_block()) so that one block's weights are contiguous and fit
 // L1; y is NHWC, [N, Ho, Wo, G * width]. Groups have as many output as input channels
 // (width 8, 16 or 32).
 
