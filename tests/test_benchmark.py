@@ -86,3 +86,24 @@ def test_end_to_end_runs_the_trainer_loop_against_the_step_alone():
   share = float(re.fullmatch(r'input_wait_share=(\d\.\d+)', lines[-2])[1])
   ratio = float(re.fullmatch(r'ratio=(\d+\.\d+)', lines[-1])[1])
   assert 0 <= share <= 1 and ratio > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('processes', ['separate', 'one'])
+def test_compare_cpu_times_both_frameworks_in_turns(processes):
+  """benchmarks/compare_cpu.py: by default each framework in a worker process of its own
+  (whose set-up lines it relays), or both in one process."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  result = subprocess.run(
+      [sys.executable, os.path.join(root, 'benchmarks', 'compare_cpu.py'), '--mode=eval',
+       '--batch_size=2', '--image_size=32', '--steps=2', '--warmup=1',
+       f'--processes={processes}'],
+      capture_output=True, text=True, env=env, cwd=root, timeout=900, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[0] == f'processes={processes}'
+  assert any(line.startswith('[torch] device: cpu') for line in lines) == (
+      processes == 'separate'), lines
+  assert sum(line.startswith('pair ') for line in lines) == 2
+  assert float(re.fullmatch(r'ratio=(\d+\.\d+)', lines[-1])[1]) > 0

@@ -75,11 +75,11 @@ def resolve_impl(impl: str) -> str:
 
 def describe_choice(requested: str) -> str:
   """What `requested` resolves to here and why, for the run log:
-  e.g. "auto -> native (cpu, C++ kernels for AVX2+FMA)"."""
+  e.g. "auto -> native (cpu, C++ kernels for AVX-512)"."""
   chosen = resolve_impl(requested)
   backend = jax.default_backend()
   if chosen == 'native':
-    why = f'{backend}, C++ kernels for {cpu_build.INSTRUCTION_SET}'
+    why = f'{backend}, C++ kernels for {cpu_build.instruction_set().description}'
   elif requested == 'auto' and backend == 'cpu':
     why = f"{backend}, 'native' unavailable: its C++ kernel {cpu_build.unavailable_reason()}"
   elif requested == 'auto':

@@ -23,7 +23,7 @@ from resnext_jax.ops import impl as impls
 
 def test_builds_on_every_machine_that_has_what_it_needs():
   if (platform.system() != 'Linux' or platform.machine() != 'x86_64'
-      or not cpu_build._cpu_has_avx2_fma() or cpu_build._compiler() is None):
+      or not cpu_build.runnable_isas() or cpu_build._compiler() is None):
     pytest.skip('this machine lacks Linux x86-64, AVX2/FMA or a C++ compiler')
   assert cpu_build.unavailable_reason() is None
   assert impls.resolve_impl('native') == 'native'
@@ -32,11 +32,14 @@ def test_builds_on_every_machine_that_has_what_it_needs():
 def test_a_build_is_cached_by_source_and_toolchain(tmp_path, monkeypatch):
   if cpu_build._compiler() is None:
     pytest.skip('no C++ compiler')
+  if cpu_build.unavailable_reason():
+    pytest.skip(cpu_build.unavailable_reason())
   monkeypatch.setenv('RESNEXT_JAX_CACHE', str(tmp_path))
-  library = cpu_build._build(cpu_build._compiler())
+  isa = cpu_build.instruction_set()
+  library = cpu_build._build(cpu_build._compiler(), isa)
   assert os.path.dirname(library) == str(tmp_path)
   built_at = os.stat(library).st_mtime_ns
-  assert cpu_build._build(cpu_build._compiler()) == library
+  assert cpu_build._build(cpu_build._compiler(), isa) == library
   assert os.stat(library).st_mtime_ns == built_at
   assert os.listdir(tmp_path) == [os.path.basename(library)]  # no partial files left
   assert os.stat(library).st_mode & 0o055 == 0o055  # loadable by others sharing the cache
@@ -66,8 +69,78 @@ def test_a_failed_build_reports_the_command_and_leaves_nothing(tmp_path, monkeyp
   cache = tmp_path / 'cache'
   monkeypatch.setenv('RESNEXT_JAX_CACHE', str(cache))
   with pytest.raises(RuntimeError, match=r'broken-c\+\+ .*failed:\nerror: no such flag'):
-    cpu_build._build([str(broken)])
+    cpu_build._build([str(broken)], cpu_build.ISAS[-1])
   assert os.listdir(cache) == []
+
+
+def test_each_instruction_set_is_built_with_its_flags_and_cached_apart(tmp_path,
+                                                                        monkeypatch):
+  """The ISA is part of the cache key: an AVX2 build never stands in for an AVX-512 one.
+  (A stand-in compiler that records its flags: no build needed.)"""
+  fake = tmp_path / 'fake-c++'
+  fake.write_text('#!/bin/sh\necho "$@" > "$(eval echo \\${$#})"\n')
+  fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+  monkeypatch.setenv('RESNEXT_JAX_CACHE', str(tmp_path / 'cache'))
+  libraries = {isa.name: cpu_build._build([str(fake)], isa) for isa in cpu_build.ISAS}
+  assert len(set(libraries.values())) == len(cpu_build.ISAS)
+  for isa in cpu_build.ISAS:
+    assert f'cpu_kernels_{isa.name}_' in os.path.basename(libraries[isa.name])
+    with open(libraries[isa.name]) as f:
+      flags = f.read().split()
+    assert f'-DRESNEXT_JAX_VECTOR_BITS={isa.vector_bits}' in flags
+    assert set(isa.compiler_flags) <= set(flags)
+
+
+@pytest.fixture
+def fresh_choice():
+  """Clears the cached ISA choice and build before and after a test that changes them."""
+  for cached in (cpu_build.instruction_set, cpu_build.unavailable_reason,
+                 impls._warn_native_unavailable):
+    cached.cache_clear()
+  yield
+  for cached in (cpu_build.instruction_set, cpu_build.unavailable_reason,
+                 impls._warn_native_unavailable):
+    cached.cache_clear()
+
+
+AVX512_CPU = frozenset({'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512dq', 'avx512vl'})
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (AVX512_CPU, 'avx512'),
+    (AVX512_CPU - {'avx512bw'}, 'avx2'),  # AVX-512 without BW: the AVX2 build
+    (frozenset({'avx2', 'fma'}), 'avx2'),
+    (frozenset({'avx', 'sse4_2'}), None)])
+def test_the_build_is_for_the_widest_instruction_set_the_cpu_has(flags, expected,
+                                                                 monkeypatch, fresh_choice):
+  monkeypatch.delenv(cpu_build.ISA_VARIABLE, raising=False)
+  monkeypatch.setattr(cpu_build, 'cpu_flags', lambda: flags)
+  isa = cpu_build.instruction_set()
+  assert (isa.name if isa else None) == expected
+
+
+def test_without_avx2_auto_falls_back_with_one_log_line(monkeypatch, fresh_choice, caplog):
+  monkeypatch.delenv(cpu_build.ISA_VARIABLE, raising=False)
+  monkeypatch.setattr(cpu_build, 'cpu_flags', lambda: frozenset({'avx', 'sse4_2'}))
+  with caplog.at_level(logging.WARNING):
+    assert [impls.resolve_impl('auto') for _ in range(3)] == ['taps'] * 3
+  warnings = [r.getMessage() for r in caplog.records if 'AVX2 and FMA' in r.getMessage()]
+  assert len(warnings) == 1, warnings
+
+
+def test_the_isa_variable_chooses_and_refuses_what_the_cpu_lacks(monkeypatch, fresh_choice):
+  monkeypatch.setattr(cpu_build, 'cpu_flags', lambda: frozenset({'avx2', 'fma'}))
+  monkeypatch.setenv(cpu_build.ISA_VARIABLE, 'avx2')
+  assert cpu_build.instruction_set().name == 'avx2'
+  cpu_build.instruction_set.cache_clear()
+  monkeypatch.setenv(cpu_build.ISA_VARIABLE, 'avx512')
+  with pytest.raises(ValueError, match=r'RESNEXT_JAX_CPU_ISA=avx512 asks for AVX-512, but '
+                     r'this CPU lacks avx512bw, avx512dq, avx512f, avx512vl .*avx2'):
+    cpu_build.instruction_set()
+  monkeypatch.setenv(cpu_build.ISA_VARIABLE, 'sse2')
+  with pytest.raises(ValueError, match=r"RESNEXT_JAX_CPU_ISA='sse2' is not one of "
+                     r'avx512, avx2'):
+    impls.resolve_impl('auto')
 
 
 def test_without_the_kernel_auto_falls_back_and_native_names_the_fix(monkeypatch, caplog):

@@ -15,7 +15,8 @@ def test_the_choice_is_described_with_its_reason(monkeypatch):
   assert jax.default_backend() == 'cpu'
   assert impls.describe_choice('taps') == 'taps -> taps (cpu, as configured)'
   if cpu_build.unavailable_reason() is None:
-    assert impls.describe_choice('auto') == 'auto -> native (cpu, C++ kernels for AVX2+FMA)'
+    isa = cpu_build.instruction_set().description  # 'AVX-512' or 'AVX2+FMA'
+    assert impls.describe_choice('auto') == f'auto -> native (cpu, C++ kernels for {isa})'
   monkeypatch.setattr(cpu_build, 'unavailable_reason', lambda: 'needs a C++ compiler')
   impls._warn_native_unavailable.cache_clear()
   try:

@@ -53,10 +53,17 @@ def _paired(kernel, groups):
   return blocks.reshape(kh, kw, 2 * width, groups // 2 * 2 * width)
 
 
+def _group_block():
+  """Output channels per weight block of the grouped kernel: two of the build's widest
+  vectors (kGroupBlock in grouped_conv.cc; 16 with AVX2, 32 with AVX-512)."""
+  return build.instruction_set().vector_bits // 16
+
+
 def _arranged(kernel, groups):
-  """HWIO `[kh, kw, width, groups * width]` -> `[groups, width / co, kh, kw, width, co]`."""
+  """HWIO `[kh, kw, width, groups * width]` -> `[groups, width / co, kh, kw, width, co]`,
+  co output channels per block."""
   kh, kw, width, _ = kernel.shape
-  co = min(width, 16)
+  co = min(width, _group_block())
   return kernel.reshape(kh, kw, width, groups, width // co, co).transpose(3, 4, 0, 1, 2, 5)
 
 

@@ -1,24 +1,37 @@
 // What the convolutions with a fused eval-mode batch norm share (pointwise_conv.cc,
-// stem_conv.cc): a register tile of 6 output pixels x 16 output channels that sums
-// products over input segments and applies the norm, a residual add and a ReLU before
-// storing, and the packing of the weights into panels of 16 output channels.
+// stem_conv.cc): a register tile of kTileRows output pixels x one panel of output
+// channels that sums products over input segments and applies the norm, a residual add
+// and a ReLU before storing, and the packing of the weights into panels.
+//
+// A panel is kPanelVectors of the widest vectors (vec.h): 6 pixels x 2 vectors (16
+// channels) in 12 of AVX2's 16 registers; 6 x 4 vectors (64 channels) in 24 of
+// AVX-512's 32, which loads 10 vectors per 24 multiply-adds where 14 x 2 vectors loaded
+// 16 per 28 (and measured a few percent slower). The last panel of a row of output
+// channels may be narrower, in whole vectors.
 
 #ifndef RESNEXT_JAX_CPU_CONV_TILE_H_
 #define RESNEXT_JAX_CPU_CONV_TILE_H_
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "ffi_common.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace resnext_jax {
 
-constexpr int kPanel = 16;              // output channels per register tile (two AVX vectors)
-constexpr int kTileRows = 6;            // output pixels per register tile
+constexpr int kPanelVectors = kVectorRegisters == 32 ? 4 : 2;
+constexpr int kPanel = kPanelVectors * kLanes;  // output channels per full panel
+// The output channel counts the kernels take are multiples of this (calls.py: blocks of
+// 16), so that every panel is whole vectors.
+constexpr int kChannelBlock = 16;
+static_assert(kPanel % kChannelBlock == 0 && kChannelBlock % kLanes == 0, "panels");
+// Output pixels per register tile: a panel of accumulators each, plus the panel's weight
+// vectors and a broadcast input, in the vector registers there are.
+constexpr int kTileRows = (kVectorRegisters - kPanelVectors - 1) / kPanelVectors;
 // Input channels summed per pass over a tile (calls.MAX_STEM_FORWARD_WEIGHTS: the
 // stem packs all its weights as one such block).
 constexpr int64_t kDepthBlock = 256;
@@ -29,16 +42,19 @@ struct Epilogue {
   bool relu;
 };
 
-// Sums `segments` x `depth` products for `R` output pixels x 16 output channels into
-// `c` (row stride `ldc`): pixel r's inputs of segment s are the `depth` floats at
-// a[r] + s * segment_stride, the weights `b` are packed [segments * depth][16]. (A 1x1
-// convolution has one segment; the stem one per kernel row.) The first depth block
-// starts from zero, later ones from `c`; the last applies the epilogue to channels
-// [column, column + 16), adding `residual` (laid out as `c`) unless it is null.
-template <int R>
+// Sums `segments` x `depth` products for `R` output pixels x V vectors of output
+// channels into `c` (row stride `ldc`): pixel r's inputs of segment s are the `depth`
+// floats at a[r] + s * segment_stride, the weights `b` are packed
+// [segments * depth][V * kLanes]. (A 1x1 convolution has one segment; the stem one per
+// kernel row.) The first depth block starts from zero, later ones from `c`; the last
+// applies the epilogue to the channels from `column` on, adding `residual` (laid out as
+// `c`) unless it is null.
+template <int R, int V>
 inline void Tile(const float* const* a, int64_t segments, int64_t segment_stride,
                  const float* b, int64_t depth, float* c, int64_t ldc, bool first,
                  bool last, const Epilogue& e, int64_t column, const float* residual) {
+  using S = Simd<kLanes>;
+  constexpr int kWidth = V * kLanes;
   if (last) {
     // The epilogue's memory, fetched while the products are summed: otherwise every
     // tile stalls on it (its rows are a stride apart, which hardware prefetch misses).
@@ -47,58 +63,73 @@ inline void Tile(const float* const* a, int64_t segments, int64_t segment_stride
       if (residual) __builtin_prefetch(residual + r * ldc, 0);
     }
   }
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) {
-    acc[r][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc);
-    acc[r][1] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc + 8);
-  }
-  for (int64_t s = 0; s < segments; ++s, b += depth * kPanel) {
+  typename S::V acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < V; ++j) acc[r][j] = first ? S::Zero() : S::Load(c + r * ldc + j * kLanes);
+  for (int64_t s = 0; s < segments; ++s, b += depth * kWidth) {
     const int64_t shift = s * segment_stride;
     for (int64_t k = 0; k < depth; ++k) {
-      const __m256 b0 = _mm256_loadu_ps(b + k * kPanel);
-      const __m256 b1 = _mm256_loadu_ps(b + k * kPanel + 8);
+      typename S::V w[V];
+      for (int j = 0; j < V; ++j) w[j] = S::Load(b + k * kWidth + j * kLanes);
       for (int r = 0; r < R; ++r) {
-        const __m256 av = _mm256_broadcast_ss(a[r] + shift + k);
-        acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+        const typename S::V av = S::Broadcast(a[r] + shift + k);
+        for (int j = 0; j < V; ++j) acc[r][j] = S::Fmadd(av, w[j], acc[r][j]);
       }
     }
   }
   if (last) {
-    const __m256 s0 = _mm256_loadu_ps(e.scale + column);
-    const __m256 s1 = _mm256_loadu_ps(e.scale + column + 8);
-    const __m256 t0 = _mm256_loadu_ps(e.offset + column);
-    const __m256 t1 = _mm256_loadu_ps(e.offset + column + 8);
-    const __m256 zero = _mm256_setzero_ps();
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] = _mm256_fmadd_ps(acc[r][0], s0, t0);
-      acc[r][1] = _mm256_fmadd_ps(acc[r][1], s1, t1);
-      if (residual) {
-        acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(residual + r * ldc));
-        acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(residual + r * ldc + 8));
-      }
-      if (e.relu) {  // max(0, NaN) is NaN, as in jnp.maximum: NaNs stay visible
-        acc[r][0] = _mm256_max_ps(zero, acc[r][0]);
-        acc[r][1] = _mm256_max_ps(zero, acc[r][1]);
-      }
+    typename S::V scale[V], offset[V];
+    for (int j = 0; j < V; ++j) {
+      scale[j] = S::Load(e.scale + column + j * kLanes);
+      offset[j] = S::Load(e.offset + column + j * kLanes);
     }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < V; ++j) {
+        acc[r][j] = S::Fmadd(acc[r][j], scale[j], offset[j]);
+        if (residual) acc[r][j] = S::Add(acc[r][j], S::Load(residual + r * ldc + j * kLanes));
+        if (e.relu) acc[r][j] = S::Max(S::Zero(), acc[r][j]);  // NaNs stay visible
+      }
   }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(c + r * ldc, acc[r][0]);
-    _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < V; ++j) S::Store(c + r * ldc + j * kLanes, acc[r][j]);
+}
+
+// Calls tiles(std::integral_constant<int, R>(), start) for tiles of R rows that cover
+// [begin, end): R = kTileRows, then R / 2, R / 4, ... for the rest. A tile of few rows
+// reuses each weight vector less and runs short chains of dependent multiply-adds, so
+// the rest goes in as few tiles as possible.
+template <int R = kTileRows, typename F>
+inline void ForTiles(int64_t begin, int64_t end, const F& tiles) {
+  for (; begin + R <= end; begin += R) tiles(std::integral_constant<int, R>(), begin);
+  if constexpr (R > 1) ForTiles<R / 2>(begin, end, tiles);
+}
+
+// Tile over the panel of output channels that starts at `column`: a full one, or the
+// narrower one that ends a row of `co` channels.
+template <int R, int V = kPanelVectors>
+inline void PanelTile(const float* const* a, int64_t segments, int64_t segment_stride,
+                      const float* b, int64_t depth, float* c, int64_t ldc, bool first,
+                      bool last, const Epilogue& e, int64_t column, int64_t co,
+                      const float* residual) {
+  if constexpr (V > 1) {
+    if (co - column < V * kLanes)
+      return PanelTile<R, V - 1>(a, segments, segment_stride, b, depth, c, ldc, first, last,
+                                 e, column, co, residual);
   }
+  Tile<R, V>(a, segments, segment_stride, b, depth, c, ldc, first, last, e, column, residual);
 }
 
 // Copies w [c][co] into panels: for each depth block (k0, depth), for each panel p,
-// depth x 16 weights, contiguous.
+// depth x (its width) weights, contiguous; panel p starts at k0 * co + p * depth * kPanel.
 inline void Pack(xla::ffi::ThreadPool& pool, const float* w, int64_t c, int64_t co, float* packed) {
-  const int64_t panels = co / kPanel;
+  const int64_t panels = (co + kPanel - 1) / kPanel;
   ParallelFor(pool, panels, [&](int64_t p) {
+    const int64_t width = std::min<int64_t>(kPanel, co - p * kPanel);
     for (int64_t k0 = 0; k0 < c; k0 += kDepthBlock) {
       const int64_t depth = std::min(kDepthBlock, c - k0);
       float* out = packed + k0 * co + p * depth * kPanel;
       for (int64_t k = 0; k < depth; ++k)
-        std::copy_n(w + (k0 + k) * co + p * kPanel, kPanel, out + k * kPanel);
+        std::copy_n(w + (k0 + k) * co + p * kPanel, width, out + k * width);
     }
   });
 }

@@ -1,4 +1,5 @@
-// Grouped 2-D convolution, forward and weight gradient, for x86-64 CPUs with AVX2 and FMA: an XLA FFI handler.
+// Grouped 2-D convolution, forward and weight gradient, for x86-64 CPUs with AVX2 and
+// FMA or AVX-512: XLA FFI handlers.
 //
 // Why: XLA's CPU grouped convolution, and any formulation of it in XLA ops, leaves the
 // cores mostly idle (resnext_jax/ops/grouped_conv.py). Here each block of output pixels x
@@ -6,11 +7,10 @@
 // input and weights stream from L1 (docs/performance.md has the per-layer timings).
 //
 // Layouts: x is NHWC, [N, H, W, G * width]; the kernel is pre-arranged as
-// [G, width / CO, kh, kw, width, CO] (CO = min(width, 16) output channels per block) so
-// that one block's weights are contiguous and fit L1; y is NHWC, [N, Ho, Wo, G * width].
-// Groups have as many output as input channels (width 8, 16 or 32).
-
-#include <immintrin.h>
+// [G, width / CO, kh, kw, width, CO] (CO = min(width, kGroupBlock) output channels per
+// block, calls.py's _group_block()) so that one block's weights are contiguous and fit
+// L1; y is NHWC, [N, Ho, Wo, G * width]. Groups have as many output as input channels
+// (width 8, 16 or 32).
 
 #include <algorithm>
 #include <cstdint>
@@ -18,13 +18,33 @@
 #include <vector>
 
 #include "ffi_common.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using resnext_jax::kVectorBits;
+using resnext_jax::kVectorRegisters;
 using resnext_jax::ParallelFor;
+using resnext_jax::SimdFor;
 using resnext_jax::TwoArraysToOne;
 
 namespace {
+
+// Output channels per block of a group: two of the widest vectors (16 with AVX2, 32 with
+// AVX-512); calls.py arranges the weights for it.
+constexpr int kGroupBlock = kVectorBits / 16;
+
+// Vectors of `CO` output channels, and how many of them span the block.
+template <int CO>
+using BlockSimd = SimdFor<CO>;
+template <int CO>
+constexpr int kVectorsPerBlock = CO / BlockSimd<CO>::kLanes;
+
+// How many rows of V accumulators fit the vector registers beside V more vectors and a
+// broadcast input, but no more than `most`.
+constexpr int RegisterRows(int v, int most) {
+  return std::min((kVectorRegisters - v - 1) / v, most);
+}
 
 struct Geometry {
   Geometry(int64_t groups, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ho,
@@ -42,27 +62,28 @@ struct Geometry {
 template <int WI, int CO, int P>
 inline void Block(const float* const* xs, const float* kb, float* yp, int64_t yc,
                   const Geometry& g) {
-  constexpr int V = CO / 8;
-  __m256 acc[P][V];
+  using S = BlockSimd<CO>;
+  constexpr int V = kVectorsPerBlock<CO>, L = S::kLanes;
+  typename S::V acc[P][V];
   for (int p = 0; p < P; ++p)
-    for (int j = 0; j < V; ++j) acc[p][j] = _mm256_setzero_ps();
+    for (int j = 0; j < V; ++j) acc[p][j] = S::Zero();
   for (int64_t dh = 0; dh < g.kh; ++dh) {
     for (int64_t dw = 0; dw < g.kw; ++dw) {
       const float* kt = kb + (dh * g.kw + dw) * WI * CO;
       const int64_t offset = (dh * g.wp + dw) * WI;
 #pragma GCC unroll 32
       for (int ci = 0; ci < WI; ++ci) {
-        __m256 w[V];
-        for (int j = 0; j < V; ++j) w[j] = _mm256_loadu_ps(kt + ci * CO + 8 * j);
+        typename S::V w[V];
+        for (int j = 0; j < V; ++j) w[j] = S::Load(kt + ci * CO + L * j);
         for (int p = 0; p < P; ++p) {
-          const __m256 xv = _mm256_broadcast_ss(xs[p] + offset + ci);
-          for (int j = 0; j < V; ++j) acc[p][j] = _mm256_fmadd_ps(xv, w[j], acc[p][j]);
+          const typename S::V xv = S::Broadcast(xs[p] + offset + ci);
+          for (int j = 0; j < V; ++j) acc[p][j] = S::Fmadd(xv, w[j], acc[p][j]);
         }
       }
     }
   }
   for (int p = 0; p < P; ++p)
-    for (int j = 0; j < V; ++j) _mm256_storeu_ps(yp + p * yc + 8 * j, acc[p][j]);
+    for (int j = 0; j < V; ++j) S::Store(yp + p * yc + L * j, acc[p][j]);
 }
 
 // Output pixels [q, end) of one group in blocks of P, the rest in blocks of P / 2, ...
@@ -93,6 +114,7 @@ template <int W>
 void PackGroup(const float* src, int64_t n, int64_t group, int64_t h, int64_t w, int64_t c,
                int64_t top, int64_t left, int64_t rows, int64_t cols,
                std::vector<float>& buffer) {
+  using S = SimdFor<W>;
   buffer.resize(rows * cols * W);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t src_r = r - top;
@@ -100,10 +122,10 @@ void PackGroup(const float* src, int64_t n, int64_t group, int64_t h, int64_t w,
       const int64_t src_c = col - left;
       float* dst = buffer.data() + (r * cols + col) * W;
       if (src_r < 0 || src_r >= h || src_c < 0 || src_c >= w) {
-        for (int j = 0; j < W; j += 8) _mm256_storeu_ps(dst + j, _mm256_setzero_ps());
+        for (int j = 0; j < W; j += S::kLanes) S::Store(dst + j, S::Zero());
       } else {
         const float* from = src + ((n * h + src_r) * w + src_c) * c + group * W;
-        for (int j = 0; j < W; j += 8) _mm256_storeu_ps(dst + j, _mm256_loadu_ps(from + j));
+        for (int j = 0; j < W; j += S::kLanes) S::Store(dst + j, S::Load(from + j));
       }
     }
   }
@@ -114,8 +136,9 @@ template <int W>
 void ForwardGroupOfImage(const float* x, const float* k, float* y, int64_t h, int64_t w,
                          int64_t pad_top, int64_t pad_left, const Geometry& g, int64_t n,
                          int64_t group, std::vector<float>& buffer) {
-  constexpr int CO = W < 16 ? W : 16;
-  constexpr int PB = CO == 8 ? 7 : 6;  // accumulators + weights + 1 fit 16 registers
+  constexpr int CO = std::min(W, kGroupBlock);
+  // Pixels per block: with AVX2, 7 of one vector measured fastest.
+  constexpr int PB = RegisterRows(kVectorsPerBlock<CO>, kVectorRegisters == 16 ? 7 : 14);
   const int64_t c = g.groups * W;
   PackGroup<W>(x, n, group, h, w, c, pad_top, pad_left, g.hp, g.wp, buffer);
   for (int64_t cb = 0; cb < W / CO; ++cb) {
@@ -130,27 +153,28 @@ void ForwardGroupOfImage(const float* x, const float* k, float* y, int64_t h, in
 // and CO output channels, all in registers. `xt` and `dyb` are dense packed groups.
 template <int W, int CI, int CO>
 inline void KernelGradTile(const float* xt, const float* dyb, float* dk, const Geometry& g) {
-  constexpr int V = CO / 8;
-  __m256 acc[CI][V];
+  using S = BlockSimd<CO>;
+  constexpr int V = kVectorsPerBlock<CO>, L = S::kLanes;
+  typename S::V acc[CI][V];
   for (int i = 0; i < CI; ++i)
-    for (int j = 0; j < V; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int j = 0; j < V; ++j) acc[i][j] = S::Zero();
   for (int64_t q = 0; q < g.ho; ++q) {
     const float* xrow = xt + q * g.sh * g.wp * W;
     const float* dyrow = dyb + q * g.wo * W;
     for (int64_t r = 0; r < g.wo; ++r) {
-      __m256 d[V];
-      for (int j = 0; j < V; ++j) d[j] = _mm256_loadu_ps(dyrow + r * W + 8 * j);
+      typename S::V d[V];
+      for (int j = 0; j < V; ++j) d[j] = S::Load(dyrow + r * W + L * j);
       const float* xp = xrow + r * g.sw * W;
       for (int i = 0; i < CI; ++i) {
-        const __m256 xv = _mm256_broadcast_ss(xp + i);
-        for (int j = 0; j < V; ++j) acc[i][j] = _mm256_fmadd_ps(xv, d[j], acc[i][j]);
+        const typename S::V xv = S::Broadcast(xp + i);
+        for (int j = 0; j < V; ++j) acc[i][j] = S::Fmadd(xv, d[j], acc[i][j]);
       }
     }
   }
   for (int i = 0; i < CI; ++i)
     for (int j = 0; j < V; ++j) {
-      float* out = dk + i * W + 8 * j;
-      _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), acc[i][j]));
+      float* out = dk + i * W + L * j;
+      S::Store(out, S::Add(S::Load(out), acc[i][j]));
     }
 }
 
@@ -168,8 +192,8 @@ void KernelGradOfGroup(const float* x, const float* dy, float* dk, int64_t n_ima
                        int64_t h, int64_t w, int64_t pad_top, int64_t pad_left,
                        const Geometry& g, int64_t group, std::vector<float>& x_buffer,
                        std::vector<float>& dy_buffer) {
-  constexpr int CO = W < 16 ? W : 16;
-  constexpr int CI = CO == 8 ? 8 : 6;
+  constexpr int CO = std::min(W, kGroupBlock);
+  constexpr int CI = RegisterRows(kVectorsPerBlock<CO>, W);
   const int64_t c = g.groups * W;
   float* dkg = dk + group * g.kh * g.kw * W * W;
   std::fill(dkg, dkg + g.kh * g.kw * W * W, 0.f);

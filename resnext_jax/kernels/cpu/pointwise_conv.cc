@@ -1,5 +1,6 @@
 // A 1x1 convolution followed by its eval-mode batch norm, an optional residual add and
-// an optional ReLU, in one pass, for x86-64 CPUs with AVX2 and FMA: an XLA FFI handler.
+// an optional ReLU, in one pass, for x86-64 CPUs with AVX2 and FMA or AVX-512: an XLA
+// FFI handler.
 //
 // Why: in a ResNeXt eval step XLA runs each 1x1 convolution as a matmul and then the
 // batch norm, residual add and ReLU as separate loops over the output; those loops
@@ -8,9 +9,10 @@
 // it is still in registers. A strided 1x1 convolution (the downsample shortcut) reads
 // its input rows in place instead of from a strided copy.
 //
-// The product is a register-tiled matmul: 6 output pixels x 16 output channels of sums
-// in 12 AVX registers. The weights are copied once per call into panels of 16 output
-// channels ([C / kDepthBlock][CO / 16][kDepthBlock][16]). A work item is a block of
+// The product is a register-tiled matmul: kTileRows output pixels x a panel of output
+// channels (conv_tile.h: 6 x 16 in 12 AVX2 registers, 6 x 64 in 24 AVX-512 ones). The
+// weights are copied once per call into panels ([C / kDepthBlock][CO / kPanel]
+// [kDepthBlock][kPanel]). A work item is a block of
 // pixels x kColumnBlock output channels; for each block of kDepthBlock input channels
 // its panels (256 KB) stay in L2, and each tile of 6 pixels runs through all of them
 // with its inputs in L1.
@@ -29,17 +31,20 @@
 
 namespace ffi = xla::ffi;
 using resnext_jax::Epilogue;
+using resnext_jax::ForTiles;
+using resnext_jax::kChannelBlock;
 using resnext_jax::kDepthBlock;
 using resnext_jax::kPanel;
 using resnext_jax::kTileRows;
 using resnext_jax::NormalizedConvArgs;
 using resnext_jax::PackedWeights;
 using resnext_jax::ParallelFor;
-using resnext_jax::Tile;
+using resnext_jax::PanelTile;
 
 namespace {
 
-constexpr int64_t kRowBlock = 192;     // output pixels per work item
+// Output pixels per work item: about 192, in whole tiles.
+constexpr int64_t kRowBlock = (192 + kTileRows - 1) / kTileRows * kTileRows;
 constexpr int64_t kColumnBlock = 256;  // output channels per work item
 
 struct Geometry {
@@ -59,20 +64,17 @@ void Block(const float* x, const float* packed, const Geometry& g, const Epilogu
   for (int64_t k0 = 0; k0 < g.c; k0 += kDepthBlock) {
     const int64_t depth = std::min(kDepthBlock, g.c - k0);
     const bool first = k0 == 0, last = k0 + depth == g.c;
-    // Panel p of depth block k0 starts at k0 * co + p * depth * 16 (see Pack).
+    // Panel p of depth block k0 starts at k0 * co + p * depth * kPanel (see Pack).
     const float* b0 = packed + k0 * g.co;
-    int64_t m = m0;
-    auto tiles = [&](auto rows_per_tile) {
+    ForTiles(m0, m1, [&](auto rows_per_tile, int64_t m) {
       constexpr int R = decltype(rows_per_tile)::value;
       const float* a[R];
       for (int r = 0; r < R; ++r) a[r] = g.InputRow(x, m + r) + k0;
       for (int64_t col = n0; col < n1; col += kPanel)
-        Tile<R>(a, 1, 0, b0 + (col / kPanel) * depth * kPanel, depth, y + m * g.co + col,
-                g.co, first, last, e, col, residual ? residual + m * g.co + col : nullptr);
-    };
-    for (; m + kTileRows <= m1; m += kTileRows)
-      tiles(std::integral_constant<int, kTileRows>());
-    for (; m < m1; ++m) tiles(std::integral_constant<int, 1>());
+        PanelTile<R>(a, 1, 0, b0 + (col / kPanel) * depth * kPanel, depth,
+                     y + m * g.co + col, g.co, first, last, e, col, g.co,
+                     residual ? residual + m * g.co + col : nullptr);
+    });
   }
 }
 
@@ -89,7 +91,7 @@ ffi::Error PointwiseConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       g.ho != (g.h + stride - 1) / stride || g.wo != (g.w + stride - 1) / stride ||
       scale.element_count() != g.co || offset.element_count() != g.co)
     return ffi::Error::InvalidArgument("pointwise conv: shapes do not match");
-  if (g.co % kPanel != 0)
+  if (g.co % kChannelBlock != 0)
     return ffi::Error::InvalidArgument(
         "pointwise conv: output channels must be a multiple of 16");
   const bool has_residual = residual.element_count() != 0;

@@ -1,22 +1,21 @@
 // Weight gradient of a dense 2-D convolution with few input channels (the ResNeXt
 // stem, 7x7/2 from RGB), and its eval-mode forward pass with the batch norm and ReLU
-// after it, for x86-64 CPUs with AVX2 and FMA: XLA FFI handlers.
+// after it, for x86-64 CPUs with AVX2 and FMA or AVX-512: XLA FFI handlers.
 //
 // Why: with 3 input channels XLA's weight gradient, and the same as im2col matmuls,
 // leave the vector units mostly idle (~25 GFLOP/s on two cores). Here, for one output
 // row, the kh input rows it reads are copied into a zero-padded buffer; an output
 // pixel's inputs under kernel row dh are then kw * C consecutive floats of that buffer,
 // and the gradient is a register-tiled sum of outer products of those floats with the
-// pixel's output gradient. The eval forward pass reads the same buffer: a tile of 6
-// output pixels x 16 output channels sums kh segments of kw * C consecutive inputs
-// (conv_tile.h), then applies the norm and ReLU. (In training the forward pass runs
-// with an identity norm: the batch norm needs the statistics of the whole output.)
+// pixel's output gradient. The eval forward pass reads the same buffer: a tile of
+// kTileRows output pixels x a panel of output channels sums kh segments of kw * C
+// consecutive inputs (conv_tile.h), then applies the norm and ReLU. (In training the
+// forward pass runs with an identity norm: the batch norm needs the statistics of the
+// whole output.)
 //
 // Layouts: x is NHWC [N, H, W, C]; dy and the forward output y are NHWC [N, Ho, Wo, CO];
 // the weights and their gradient are HWIO [kh, kw, C, CO]; the norm's scale and offset
 // are [CO].
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -29,13 +28,17 @@
 
 namespace ffi = xla::ffi;
 using resnext_jax::Epilogue;
+using resnext_jax::ForTiles;
+using resnext_jax::kChannelBlock;
 using resnext_jax::kDepthBlock;
 using resnext_jax::kPanel;
-using resnext_jax::kTileRows;
 using resnext_jax::NormalizedConvArgs;
 using resnext_jax::PackedWeights;
 using resnext_jax::ParallelFor;
-using resnext_jax::Tile;
+using resnext_jax::PanelTile;
+using resnext_jax::Simd;
+using resnext_jax::kLanes;
+using resnext_jax::kVectorRegisters;
 using resnext_jax::TwoArraysToOne;
 
 namespace {
@@ -71,36 +74,41 @@ bool PackRows(const float* x, const StemGeometry& g, int64_t n, int64_t oh,
   return any;
 }
 
-// Weight gradient of RT consecutive inputs (r0, r0 + 1, ...) of kernel row dh x 16
-// output channels, summed over one output row, added to `dk` ([kh][row][co]).
-template <int RT>
+// Weight gradient of RT consecutive inputs (r0, r0 + 1, ...) of kernel row dh x V
+// vectors of output channels, summed over one output row, added to `dk` ([kh][row][co]).
+template <int RT, int V>
 inline void KernelGradTile(const float* xr, const float* dyr, float* dk,
                            const StemGeometry& g) {
-  __m256 acc[RT][2];
-  for (int i = 0; i < RT; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  using S = Simd<kLanes>;
+  typename S::V acc[RT][V];
+  for (int i = 0; i < RT; ++i)
+    for (int j = 0; j < V; ++j) acc[i][j] = S::Zero();
   for (int64_t ow = 0; ow < g.wo; ++ow) {
-    const __m256 d0 = _mm256_loadu_ps(dyr + ow * g.co);
-    const __m256 d1 = _mm256_loadu_ps(dyr + ow * g.co + 8);
+    typename S::V d[V];
+    for (int j = 0; j < V; ++j) d[j] = S::Load(dyr + ow * g.co + j * kLanes);
     const float* xp = xr + ow * g.sw * g.c;
     for (int i = 0; i < RT; ++i) {
-      const __m256 xv = _mm256_broadcast_ss(xp + i);
-      acc[i][0] = _mm256_fmadd_ps(xv, d0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(xv, d1, acc[i][1]);
+      const typename S::V xv = S::Broadcast(xp + i);
+      for (int j = 0; j < V; ++j) acc[i][j] = S::Fmadd(xv, d[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < RT; ++i) {
-    float* out = dk + i * g.co;
-    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), acc[i][0]));
-    _mm256_storeu_ps(out + 8, _mm256_add_ps(_mm256_loadu_ps(out + 8), acc[i][1]));
-  }
+  for (int i = 0; i < RT; ++i)
+    for (int j = 0; j < V; ++j) {
+      float* out = dk + i * g.co + j * kLanes;
+      S::Store(out, S::Add(S::Load(out), acc[i][j]));
+    }
 }
 
+// Inputs per weight-gradient tile: two accumulators each, two output-gradient vectors
+// and a broadcast input in the vector registers (6 with AVX2, 14 with AVX-512).
+constexpr int kGradRows = (kVectorRegisters - 3) / 2;
+
 // Inputs [r, row) of one kernel row in tiles of RT, the rest in tiles of RT / 2, ...
-template <int RT>
+template <int RT, int V>
 inline void KernelGradTiles(const float* xr, const float* dyr, float* dk,
                             const StemGeometry& g, int64_t r) {
-  for (; r + RT <= g.row(); r += RT) KernelGradTile<RT>(xr + r, dyr, dk + r * g.co, g);
-  if constexpr (RT > 1) KernelGradTiles<RT / 2>(xr, dyr, dk, g, r);
+  for (; r + RT <= g.row(); r += RT) KernelGradTile<RT, V>(xr + r, dyr, dk + r * g.co, g);
+  if constexpr (RT > 1) KernelGradTiles<RT / 2, V>(xr, dyr, dk, g, r);
 }
 
 void KernelGradRow(const float* x, const float* dy, float* dk, const StemGeometry& g,
@@ -111,9 +119,14 @@ void KernelGradRow(const float* x, const float* dy, float* dk, const StemGeometr
   for (int64_t dh = 0; dh < g.kh; ++dh) {
     const int64_t ih = oh * g.sh + dh - g.pad_top;
     if (ih < 0 || ih >= g.h) continue;  // a zero row adds nothing
-    for (int64_t b = 0; b < g.co / kPanel; ++b)
-      KernelGradTiles<6>(rows.data() + dh * pw, dyr + b * kPanel,
-                         dk + dh * g.row() * g.co + b * kPanel, g, 0);
+    for (int64_t col = 0; col < g.co; col += 2 * kLanes) {  // 2 vectors, or the last 16
+      const float* xr = rows.data() + dh * pw;
+      float* dkr = dk + dh * g.row() * g.co + col;
+      if (g.co - col >= 2 * kLanes)
+        KernelGradTiles<kGradRows, 2>(xr, dyr + col, dkr, g, 0);
+      else
+        KernelGradTiles<kGradRows, 1>(xr, dyr + col, dkr, g, 0);
+    }
   }
 }
 
@@ -131,7 +144,7 @@ ffi::Error StemConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "stem conv kernel grad: expected x [N,H,W,C], dy [N,Ho,Wo,CO], dk [kh,kw,C,CO]");
   const StemGeometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], stride_h, stride_w,
                        pad_top, pad_left, yd[1], yd[2], yd[3]};
-  if (g.co % kPanel != 0)
+  if (g.co % kChannelBlock != 0)
     return ffi::Error::InvalidArgument("stem conv: output channels must be a multiple of 16");
   if (kd[2] != g.c || kd[3] != g.co || yd[0] != g.n)
     return ffi::Error::InvalidArgument("stem conv kernel grad: shapes do not match");
@@ -153,26 +166,22 @@ ffi::Error StemConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-// One output row of the eval forward pass: kh input rows packed, then tiles of 6
-// pixels (the last ones 1 at a time) through every panel of 16 output channels.
+// One output row of the eval forward pass: kh input rows packed, then tiles of kTileRows
+// pixels (the rest in shorter tiles) through every panel of output channels.
 void ForwardRow(const float* x, const float* packed, const StemGeometry& g,
                 const Epilogue& e, int64_t n, int64_t oh, std::vector<float>& rows,
                 float* y) {
   PackRows(x, g, n, oh, rows);  // rows outside the image are zeros: they add nothing
   float* out = y + (n * g.ho + oh) * g.wo * g.co;
   const int64_t depth = g.row(), row_stride = g.padded_width();
-  auto tiles = [&](auto rows_per_tile, int64_t ow) {
+  ForTiles(0, g.wo, [&](auto rows_per_tile, int64_t ow) {
     constexpr int R = decltype(rows_per_tile)::value;
     const float* a[R];
     for (int r = 0; r < R; ++r) a[r] = rows.data() + (ow + r) * g.sw * g.c;
     for (int64_t col = 0; col < g.co; col += kPanel)
-      Tile<R>(a, g.kh, row_stride, packed + col * g.kh * depth, depth, out + ow * g.co + col,
-              g.co, true, true, e, col, nullptr);
-  };
-  int64_t ow = 0;
-  for (; ow + kTileRows <= g.wo; ow += kTileRows)
-    tiles(std::integral_constant<int, kTileRows>(), ow);
-  for (; ow < g.wo; ++ow) tiles(std::integral_constant<int, 1>(), ow);
+      PanelTile<R>(a, g.kh, row_stride, packed + col * g.kh * depth, depth,
+                   out + ow * g.co + col, g.co, true, true, e, col, g.co, nullptr);
+  });
 }
 
 ffi::Error StemConvNormalized(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -186,7 +195,7 @@ ffi::Error StemConvNormalized(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "stem conv: expected x [N,H,W,C], w [kh,kw,C,CO], y [N,Ho,Wo,CO]");
   const StemGeometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], stride_h, stride_w,
                        pad_top, pad_left, yd[1], yd[2], yd[3]};
-  if (g.co % kPanel != 0)
+  if (g.co % kChannelBlock != 0)
     return ffi::Error::InvalidArgument("stem conv: output channels must be a multiple of 16");
   if (wd[2] != g.c || wd[3] != g.co || yd[0] != g.n || scale.element_count() != g.co ||
       offset.element_count() != g.co)
