@@ -25,16 +25,6 @@ def resolve(path: str) -> str:
   return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
 
 
-
-
-
-
-
-
-
-
-
-
 def read_text(path: str) -> str | None:
   """The file's text, or None if there is none."""
   try:

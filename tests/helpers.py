@@ -4,7 +4,6 @@ a tiny training run of the quickstart config, in-process or as a train.py comman
 line, and a file server on 127.0.0.1 for the code that downloads."""
 
 import functools
-import hashlib
 import http.server
 import io
 import json
@@ -18,11 +17,13 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 import torch
+from etils import epath
 from PIL import Image
 
 from configs import quickstart
 from resnext_jax.data import image_folder
 from resnext_jax.training import default_config
+from resnext_jax.training.reporting import METRICS_FILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = dict(stage_sizes=(1, 1), base_planes=8, cardinality=4, width_per_group=2)
@@ -97,9 +98,7 @@ def stalled_image_folder(root, cache_dir, per_class=24):
   os.remove(path)
   os.mkfifo(path)
   # The scan cache (keyed by path, size, mtime) says the file was checked readable.
-  split_dir = os.path.join(root, 'train')
-  cache_path = os.path.join(cache_dir, 'image_folder',
-                            hashlib.sha1(split_dir.encode()).hexdigest()[:16] + '.json')
+  cache_path = image_folder.scan_cache_path(os.path.join(root, 'train'), cache_dir)
   with open(cache_path) as f:
     cache = json.load(f)
   stat = os.stat(path)
@@ -111,8 +110,9 @@ def stalled_image_folder(root, cache_dir, per_class=24):
 
 
 def read_metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+  """metrics.jsonl's records, from a local or a gs:// workdir."""
+  text = epath.Path(workdir, METRICS_FILE).read_text()
+  return [json.loads(line) for line in text.splitlines()]
 
 
 def leaves(variables):

@@ -104,8 +104,7 @@ def _scan_split(split_dir: str, class_names: tuple[str, ...],
                        f'({", ".join(IMAGE_EXTENSIONS)}). Add some, or remove the class from '
                        'every split.')
 
-  key = hashlib.sha1(split_dir.encode()).hexdigest()[:16]
-  cache_path = os.path.join(cache_dir, 'image_folder', f'{key}.json')
+  cache_path = scan_cache_path(split_dir, cache_dir)
   cache = _read_json(cache_path).get('files', {})
   verdicts = {}
   unchecked = []
@@ -132,6 +131,13 @@ def _scan_split(split_dir: str, class_names: tuple[str, ...],
     folders = ', '.join(os.path.join(split_dir, class_names[i]) for i in sorted(missing))
     raise ValueError(f'No readable image in {folders}. Replace the unreadable files listed above.')
   return [p for p, _ in kept], [label for _, label in kept]
+
+
+def scan_cache_path(split_dir: str, cache_dir: str) -> str:
+  """Where the verdicts of `split_dir`'s scan are cached: JSON `{"split_dir", "files":
+  {path: [size, mtime_ns, readable]}}`."""
+  key = hashlib.sha1(split_dir.encode()).hexdigest()[:16]
+  return os.path.join(cache_dir, 'image_folder', f'{key}.json')
 
 
 def _readable(paths: list[str], where: str) -> set[str]:

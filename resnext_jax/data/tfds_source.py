@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from resnext_jax import storage
 from resnext_jax.data.dataset import DatasetInfo, Source, Split
 
 # The files each manual-download tfds dataset needs in `config.manual_dir`.
@@ -86,7 +87,7 @@ def _prepare_tfds(builder, manual_dir: str) -> None:
           f'ImageNet), or beforehand with {how}.'
           + (f' Missing in {manual_dir}: {", ".join(missing)}.' if manual_dir else '')
           + f'\ntfds says:\n{instructions}')
-  if '://' in str(builder.data_dir_root):
+  if storage.is_remote(builder.data_dir_root):
     raise ValueError(
         f'tfds dataset {name!r} is not prepared in {builder.data_dir_root}, and it cannot be '
         'prepared there: array_record files are written to local disk only. Prepare it on '

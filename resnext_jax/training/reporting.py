@@ -19,6 +19,9 @@ from clu import metric_writers
 from resnext_jax import storage
 
 
+METRICS_FILE = 'metrics.jsonl'
+
+
 class _DropLibraryInfo(std_logging.Filter):
   """Keeps Orbax's per-save INFO chatter (dozens of lines a checkpoint) off the console."""
 
@@ -45,7 +48,7 @@ class MetricsReporter:
     self._writer = None
     if jax.process_index() == 0:
       self._writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
-    self._jsonl_path = os.path.join(workdir, 'metrics.jsonl')
+    self._jsonl_path = os.path.join(workdir, METRICS_FILE)
 
   def write(self, step: int, scalars: Mapping[str, float | int]) -> None:
     if self._writer is None:
@@ -62,7 +65,7 @@ class MetricsReporter:
 
 def evaluated_steps(workdir: str) -> set[int]:
   """The steps metrics.jsonl has an evaluation of (a resumed run finishes a missing one)."""
-  text = storage.read_text(os.path.join(workdir, 'metrics.jsonl')) or ''
+  text = storage.read_text(os.path.join(workdir, METRICS_FILE)) or ''
   try:
     records = [json.loads(line) for line in text.splitlines() if '"eval_loss"' in line]
   except ValueError:  # a line cut short by a crash: judge by the whole lines

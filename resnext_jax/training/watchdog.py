@@ -7,6 +7,7 @@ finished for too long, logs the Python stack of every thread (where it is stuck)
 ends the process with `EXIT_STATUS`; the coordination service then stops the others.
 """
 
+import collections
 import contextlib
 import faulthandler
 import os
@@ -50,7 +51,7 @@ class StepWatchdog:
     self._min_secs = min_secs
     self._fixed_secs = fixed_secs
     self._on_stall = on_stall
-    self._intervals = []
+    self._intervals = collections.deque(maxlen=100)  # the latest steps' durations
     self._last = time.monotonic()
     self._paused = 0
     self._lock = threading.Lock()
@@ -84,7 +85,7 @@ class StepWatchdog:
     now = time.monotonic()
     with self._lock:
       if timed and not self._paused:
-        self._intervals = (self._intervals + [now - self._last])[-100:]
+        self._intervals.append(now - self._last)
       self._last = now
 
   @contextlib.contextmanager

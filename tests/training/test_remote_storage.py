@@ -3,7 +3,6 @@ bucket: the real code paths (etils.epath / tf.io.gfile, Orbax with TensorStore, 
 array_record's reader) against a Cloud Storage emulator on 127.0.0.1
 (tests/gcs_emulator.py)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from resnext_jax import convert
 from resnext_jax.data import pipeline
 from resnext_jax.training import checkpoints
 from tests.gcs_emulator import GcsEmulator
-from tests.helpers import ROOT, leaves, tiny_config, train_command
+from tests.helpers import ROOT, leaves, read_metrics, tiny_config, train_command
 
 STEPS = 12
 
@@ -36,11 +35,6 @@ def shapes_dir(tmp_path_factory):
   shapes = str(tmp_path_factory.mktemp('shapes'))
   pipeline.get_dataset_info(tiny_config(shapes))
   return shapes
-
-
-def _read_metrics(workdir):
-  return [json.loads(line) for line in epath.Path(workdir, 'metrics.jsonl').read_text()
-          .splitlines()]
 
 
 @pytest.mark.slow
@@ -71,7 +65,7 @@ def test_a_run_in_a_bucket_stops_resumes_and_loads_like_a_local_one(gcs, shapes_
   for a, b in zip(leaves(checkpoints.load_variables(workdir)),
                   leaves(checkpoints.load_variables(local))):
     np.testing.assert_array_equal(a, b)
-  assert [r['step'] for r in _read_metrics(workdir) if 'eval_top1' in r] == [6, 12]
+  assert [r['step'] for r in read_metrics(workdir) if 'eval_top1' in r] == [6, 12]
   names = {p.name for p in epath.Path(workdir).iterdir()}
   assert {'checkpoints', 'config.json', 'model.json', 'metrics.jsonl'} <= names
   assert any(n.startswith('events.out.tfevents') for n in names)  # TensorBoard's
