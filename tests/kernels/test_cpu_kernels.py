@@ -1,7 +1,7 @@
 """The C++ kernels build where they can, are cached, and fail with a clear reason.
 
 Their results are checked against XLA's with every other implementation, in
-tests/test_grouped_conv.py (conv_impl 'native').
+tests/ops/test_conv.py (conv_impl 'native').
 """
 
 import logging
@@ -194,6 +194,17 @@ def test_supports_the_widths_of_the_published_archs():
   assert cpu_calls.supports_stem((7, 7, 3, 64))
   assert not cpu_calls.supports_stem((7, 7, 3, 8))  # 'native' keeps the matmul form
   assert not cpu_calls.supports_stem((3, 3, 64, 64))  # ResNet's dense 3x3 convs
+
+
+@pytest.mark.parametrize('isa', cpu_build.ISAS, ids=lambda isa: isa.name)
+def test_narrow_groups_fill_a_vector_together(isa, monkeypatch):
+  monkeypatch.setattr(cpu_build, 'instruction_set', lambda: isa)
+  lanes = isa.vector_bits // 32
+  assert cpu_calls.groups_per_vector(4, 32) == lanes // 4
+  assert cpu_calls.groups_per_vector(8, 64) == max(1, lanes // 8)
+  assert cpu_calls.groups_per_vector(4, 6) == 2  # as many as divide the groups
+  assert cpu_calls.groups_per_vector(8, 3) == 1
+  assert cpu_calls.groups_per_vector(16, 32) == 1
 
 
 @pytest.mark.parametrize('kernel_shape, groups', [((3, 3, 8, 32), 4), ((7, 7, 3, 16), 1)])

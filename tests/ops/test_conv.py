@@ -25,7 +25,11 @@ CASES = {
     'width4': ((2, 9, 9, 16), 3, 1, 4, 16),
     'width4_stride2_odd': ((2, 9, 9, 16), 3, 2, 4, 16),
     'width4_odd_groups': ((2, 6, 6, 12), 3, 1, 3, 12),  # unpaired: 'native' falls back
+    # 'native' interleaves groups in a vector: as many as fill it, else fewer that divide
+    # the group count (cpu_calls.groups_per_vector).
+    'width4_six_groups': ((2, 7, 7, 24), 3, 1, 6, 24),
     'width8': ((2, 8, 8, 32), 3, 1, 4, 32),
+    'width8_odd_groups': ((2, 6, 6, 24), 3, 1, 3, 24),
     'width8_stride2_nonsquare': ((3, 8, 6, 32), 3, 2, 4, 32),
     'width2': ((2, 6, 6, 8), 3, 1, 4, 8),
     'width16': ((2, 6, 6, 64), 3, 1, 4, 64),

@@ -25,15 +25,16 @@ import numpy as np
 
 from resnext_jax.kernels.cpu import build
 
-# Group widths (input = output channels per group) that the kernel is compiled for.
+# Group widths (input = output channels per group) that the weight-gradient kernel is
+# compiled for; 4-wide groups run there in pairs (grouped_conv_kernel_grad).
 WIDTHS = (8, 16, 32)
 
 
 def supports(kernel_shape, groups: int) -> bool:
   """Whether the kernel handles an HWIO kernel of `groups` groups (any batch, size, stride).
 
-  4-wide groups run in pairs, as 8-wide groups with block-diagonal weights: twice the
-  multiply-adds, still faster than any other form measured.
+  4-wide groups need an even number of groups: the forward pass runs them two or four to
+  a vector (`groups_per_vector`), the weight gradient in pairs.
   """
   _, _, width_in, out_channels = kernel_shape
   paired = width_in == 4 and groups % 2 == 0
@@ -41,28 +42,32 @@ def supports(kernel_shape, groups: int) -> bool:
           and out_channels == groups * width_in)
 
 
-def _paired(kernel, groups):
-  """4-wide groups' HWIO kernel -> that of 8-wide groups of two, block-diagonal."""
-  kh, kw, width, _ = kernel.shape
-  k = kernel.reshape(kh, kw, width, groups // 2, 2, width)
-  zeros = jnp.zeros_like(k[..., :1, :])
-  first = jnp.concatenate([k[..., :1, :], zeros], axis=-2)  # in 0-3 -> out 0-3 only
-  second = jnp.concatenate([zeros, k[..., 1:, :]], axis=-2)  # in 4-7 -> out 4-7 only
-  # [kh, kw, 2 (input half), width, groups / 2, 2 (output half), width]
-  blocks = jnp.stack([first, second], axis=2)
-  return blocks.reshape(kh, kw, 2 * width, groups // 2 * 2 * width)
+def groups_per_vector(width: int, groups: int) -> int:
+  """How many groups the forward kernel runs interleaved in one vector: as many as fill
+  the build's widest vector (8 floats with AVX2, 16 with AVX-512), else fewer that
+  divide `groups`; 1 for groups as wide as a vector."""
+  per_vector = max(1, build.instruction_set().vector_bits // 32 // width)
+  while groups % per_vector:
+    per_vector //= 2
+  return per_vector
 
 
 def _group_block():
-  """Output channels per weight block of the grouped kernel: two of the build's widest
-  vectors (kGroupBlock in grouped_conv.cc; 16 with AVX2, 32 with AVX-512)."""
+  """Output channels per weight block of one group: two of the build's widest vectors
+  (kGroupBlock in grouped_conv.cc; 16 with AVX2, 32 with AVX-512)."""
   return build.instruction_set().vector_bits // 16
 
 
 def _arranged(kernel, groups):
-  """HWIO `[kh, kw, width, groups * width]` -> `[groups, width / co, kh, kw, width, co]`,
-  co output channels per block."""
+  """HWIO `[kh, kw, width, groups * width]` -> the forward kernel's blocks,
+  `[groups / g, width / co, kh, kw, width, co * g]` for g = `groups_per_vector` (lane
+  co * g + group, the groups interleaved), co output channels per block."""
   kh, kw, width, _ = kernel.shape
+  per_vector = groups_per_vector(width, groups)
+  if per_vector > 1:
+    k = kernel.reshape(kh, kw, width, groups // per_vector, per_vector, width)
+    return k.transpose(3, 0, 1, 2, 5, 4).reshape(
+        groups // per_vector, 1, kh, kw, width, width * per_vector)
   co = min(width, _group_block())
   return kernel.reshape(kh, kw, width, groups, width // co, co).transpose(3, 4, 0, 1, 2, 5)
 
@@ -130,8 +135,6 @@ def grouped_conv_forward(x, kernel, strides, padding, groups):
   _require()
   channels = x.shape[-1]
   ho, wo = _output_size(x.shape, kernel.shape, strides, padding)
-  if kernel.shape[2] == 4:
-    kernel, groups = _paired(kernel, groups), groups // 2
 
   def call(x, k):  # on a device's share of the batch, once split
     result = jax.ShapeDtypeStruct((x.shape[0], ho, wo, channels), jnp.float32)

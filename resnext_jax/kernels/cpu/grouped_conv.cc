@@ -6,13 +6,20 @@
 // output channels of one group keeps its accumulators in vector registers while the
 // input and weights stream from L1 (docs/performance.md has the per-layer timings).
 //
-// Layouts: x is NHWC, [N, H, W, G * width]; the kernel is pre-arranged as
-// [G, width / CO, kh, kw, width, CO] (CO = min(width, kGroupBlock) output channels per
-// block, calls.py's _group_block()) so that one block's weights are contiguous and fit
-// L1; y is NHWC, [N, Ho, Wo, G * width]. Groups have as many output as input channels
-// (width 8, 16 or 32).
+// Groups narrower than a vector (4- and 8-wide groups with AVX-512, 4-wide with AVX2)
+// run G at a time, interleaved: lane co * G + g of a vector holds group g's channel co,
+// so that one multiply-add serves G groups. A 64- or 128-bit broadcast (a plain load)
+// puts input channel ci of the G groups in every such lane, and the outputs are put
+// back in NHWC order as they are stored.
+//
+// Layouts: x is NHWC, [N, H, W, G * T * width]; the kernel is pre-arranged as
+// [T, width / CO, kh, kw, width, CO * G] (T = groups / G; CO = width if G > 1, else
+// min(width, kGroupBlock) output channels per block; calls.py's _arranged()) so that one
+// block's weights are contiguous and fit L1; y is NHWC, [N, Ho, Wo, groups * width].
+// Groups have as many output as input channels (width 4, 8, 16 or 32).
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -22,6 +29,7 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using resnext_jax::kLanes;
 using resnext_jax::kVectorBits;
 using resnext_jax::kVectorRegisters;
 using resnext_jax::ParallelFor;
@@ -51,100 +59,143 @@ struct Geometry {
            int64_t wo)
       : groups(groups), kh(kh), kw(kw), sh(sh), sw(sw),
         hp((ho - 1) * sh + kh), wp((wo - 1) * sw + kw), ho(ho), wo(wo) {}
-  int64_t groups, kh, kw, sh, sw;
+  int64_t groups, kh, kw, sh, sw;  // groups: of the weight gradient, or T in the forward
   int64_t hp, wp;  // extent of the zero-padded input that the outputs read
   int64_t ho, wo;
 };
 
-// P output pixels x CO output channels of one group from WI input channels. `xs[p]`
-// points at pixel p's top-left input in the group's dense, padded [hp][wp][WI] copy; the
-// P outputs are consecutive NHWC pixels, `yc` floats apart.
-template <int WI, int CO, int P>
+// Broadcasts input channel ci of G interleaved groups (at p) to every lane of S::V.
+template <typename S, int G>
+inline typename S::V BroadcastGroups(const float* p) {
+  if constexpr (G == 1) return S::Broadcast(p);
+  else if constexpr (G == 2) return S::BroadcastPair(p);
+  else return S::BroadcastQuad(p);
+}
+
+// Lane orders between G interleaved groups of W channels (lane co * G + g) and NHWC
+// (lane g * W + co): NhwcOrder puts an interleaved vector in NHWC order, PackedOrder the
+// reverse.
+template <int W, int G>
+constexpr std::array<int32_t, W * G> NhwcOrder() {
+  std::array<int32_t, W * G> index{};
+  for (int j = 0; j < W * G; ++j) index[j] = (j % W) * G + j / W;
+  return index;
+}
+template <int W, int G>
+constexpr std::array<int32_t, W * G> PackedOrder() {
+  std::array<int32_t, W * G> index{};
+  for (int j = 0; j < W * G; ++j) index[j] = (j % G) * W + j / G;
+  return index;
+}
+
+// P output pixels x CO output channels of G groups of W input channels. `xs[p]` points
+// at pixel p's top-left input in the groups' dense, padded [hp][wp][W][G] copy; the P
+// outputs are consecutive NHWC pixels, `yc` floats apart.
+template <int W, int G, int CO, int P>
 inline void Block(const float* const* xs, const float* kb, float* yp, int64_t yc,
                   const Geometry& g) {
-  using S = BlockSimd<CO>;
-  constexpr int V = kVectorsPerBlock<CO>, L = S::kLanes;
+  constexpr int kBlockLanes = CO * G;
+  using S = BlockSimd<kBlockLanes>;
+  constexpr int V = kVectorsPerBlock<kBlockLanes>, L = S::kLanes;
+  static_assert(G == 1 || V == 1, "interleaved groups fill exactly one vector");
   typename S::V acc[P][V];
   for (int p = 0; p < P; ++p)
     for (int j = 0; j < V; ++j) acc[p][j] = S::Zero();
   for (int64_t dh = 0; dh < g.kh; ++dh) {
     for (int64_t dw = 0; dw < g.kw; ++dw) {
-      const float* kt = kb + (dh * g.kw + dw) * WI * CO;
-      const int64_t offset = (dh * g.wp + dw) * WI;
+      const float* kt = kb + (dh * g.kw + dw) * W * kBlockLanes;
+      const int64_t offset = (dh * g.wp + dw) * W * G;
 #pragma GCC unroll 32
-      for (int ci = 0; ci < WI; ++ci) {
+      for (int ci = 0; ci < W; ++ci) {
         typename S::V w[V];
-        for (int j = 0; j < V; ++j) w[j] = S::Load(kt + ci * CO + L * j);
+        for (int j = 0; j < V; ++j) w[j] = S::Load(kt + ci * kBlockLanes + L * j);
         for (int p = 0; p < P; ++p) {
-          const typename S::V xv = S::Broadcast(xs[p] + offset + ci);
+          const typename S::V xv = BroadcastGroups<S, G>(xs[p] + offset + ci * G);
           for (int j = 0; j < V; ++j) acc[p][j] = S::Fmadd(xv, w[j], acc[p][j]);
         }
       }
     }
   }
-  for (int p = 0; p < P; ++p)
-    for (int j = 0; j < V; ++j) S::Store(yp + p * yc + L * j, acc[p][j]);
+  if constexpr (G == 1) {
+    for (int p = 0; p < P; ++p)
+      for (int j = 0; j < V; ++j) S::Store(yp + p * yc + L * j, acc[p][j]);
+  } else {
+    static constexpr auto kOrder = NhwcOrder<W, G>();
+    for (int p = 0; p < P; ++p) S::Store(yp + p * yc, S::Permute(acc[p][0], kOrder.data()));
+  }
 }
 
-// Output pixels [q, end) of one group in blocks of P, the rest in blocks of P / 2, ...
+// Output pixels [q, end) of G groups in blocks of P, the rest in blocks of P / 2, ...
 // Pixels run across row ends so that few fall in a (slower) partial block; the row and
 // column are stepped, not divided out (a division per pixel costs as much as a block).
-template <int WI, int CO, int P>
+template <int W, int G, int CO, int P>
 inline void Blocks(const float* xg, const float* kb, float* yb, int64_t yc,
                    const Geometry& g, int64_t q, int64_t row, int64_t col, int64_t end) {
   for (; q + P <= end; q += P) {
     const float* xs[P];
     for (int p = 0; p < P; ++p) {
-      xs[p] = xg + (row * g.sh * g.wp + col * g.sw) * WI;
+      xs[p] = xg + (row * g.sh * g.wp + col * g.sw) * W * G;
       if (++col == g.wo) {
         col = 0;
         ++row;
       }
     }
-    Block<WI, CO, P>(xs, kb, yb + q * yc, yc, g);
+    Block<W, G, CO, P>(xs, kb, yb + q * yc, yc, g);
   }
-  if constexpr (P > 1) Blocks<WI, CO, P / 2>(xg, kb, yb, yc, g, q, row, col, end);
+  if constexpr (P > 1) Blocks<W, G, CO, P / 2>(xg, kb, yb, yc, g, q, row, col, end);
 }
 
-// Copies channels [group * W, group * W + W) of image n of NHWC `src` ([n][h][w][c])
-// into a dense [rows][cols][W] buffer, shifted down and right by (top, left) with zeros
-// around. In NHWC a group's pixels lie a power-of-two stride apart, map onto a few cache
-// sets and keep missing; the dense copy stays in cache while it is read many times.
-template <int W>
-void PackGroup(const float* src, int64_t n, int64_t group, int64_t h, int64_t w, int64_t c,
-               int64_t top, int64_t left, int64_t rows, int64_t cols,
-               std::vector<float>& buffer) {
-  using S = SimdFor<W>;
-  buffer.resize(rows * cols * W);
+// Copies channels [group * W, (group + G) * W) of image n of NHWC `src` ([n][h][w][c])
+// into a dense [rows][cols][W][G] buffer (G > 1: the groups interleaved), shifted down
+// and right by (top, left) with zeros around. In NHWC a group's pixels lie a
+// power-of-two stride apart, map onto a few cache sets and keep missing; the dense copy
+// stays in cache while it is read many times.
+template <int W, int G = 1>
+void PackGroups(const float* src, int64_t n, int64_t group, int64_t h, int64_t w,
+                int64_t c, int64_t top, int64_t left, int64_t rows, int64_t cols,
+                std::vector<float>& buffer) {
+  using S = SimdFor<W * G>;
+  static constexpr auto kOrder = PackedOrder<W, G>();
+  buffer.resize(rows * cols * W * G);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t src_r = r - top;
     for (int64_t col = 0; col < cols; ++col) {
       const int64_t src_c = col - left;
-      float* dst = buffer.data() + (r * cols + col) * W;
+      float* dst = buffer.data() + (r * cols + col) * W * G;
       if (src_r < 0 || src_r >= h || src_c < 0 || src_c >= w) {
-        for (int j = 0; j < W; j += S::kLanes) S::Store(dst + j, S::Zero());
+        for (int j = 0; j < W * G; j += S::kLanes) S::Store(dst + j, S::Zero());
       } else {
         const float* from = src + ((n * h + src_r) * w + src_c) * c + group * W;
-        for (int j = 0; j < W; j += S::kLanes) S::Store(dst + j, S::Load(from + j));
+        if constexpr (G == 1) {
+          for (int j = 0; j < W; j += S::kLanes) S::Store(dst + j, S::Load(from + j));
+        } else {
+          static_assert(W * G == S::kLanes, "interleaved groups fill exactly one vector");
+          S::Store(dst, S::Permute(S::Load(from), kOrder.data()));
+        }
       }
     }
   }
 }
 
-// Forward: all outputs of one group of one image.
-template <int W>
-void ForwardGroupOfImage(const float* x, const float* k, float* y, int64_t h, int64_t w,
-                         int64_t pad_top, int64_t pad_left, const Geometry& g, int64_t n,
-                         int64_t group, std::vector<float>& buffer) {
-  constexpr int CO = std::min(W, kGroupBlock);
+// Output channels per weight block of G interleaved groups of W.
+template <int W, int G>
+constexpr int kBlockChannels = G == 1 ? std::min(W, kGroupBlock) : W;
+
+// Forward: all outputs of G groups (the t-th such tuple) of one image.
+template <int W, int G>
+void ForwardGroupsOfImage(const float* x, const float* k, float* y, int64_t h, int64_t w,
+                          int64_t pad_top, int64_t pad_left, const Geometry& g, int64_t n,
+                          int64_t t, std::vector<float>& buffer) {
+  constexpr int CO = kBlockChannels<W, G>;
   // Pixels per block: with AVX2, 7 of one vector measured fastest.
-  constexpr int PB = RegisterRows(kVectorsPerBlock<CO>, kVectorRegisters == 16 ? 7 : 14);
-  const int64_t c = g.groups * W;
-  PackGroup<W>(x, n, group, h, w, c, pad_top, pad_left, g.hp, g.wp, buffer);
+  constexpr int PB =
+      RegisterRows(kVectorsPerBlock<CO * G>, kVectorRegisters == 16 ? 7 : 14);
+  const int64_t c = g.groups * G * W;
+  PackGroups<W, G>(x, n, t * G, h, w, c, pad_top, pad_left, g.hp, g.wp, buffer);
   for (int64_t cb = 0; cb < W / CO; ++cb) {
-    const float* kb = k + (group * (W / CO) + cb) * g.kh * g.kw * W * CO;
-    float* yb = y + n * g.ho * g.wo * c + group * W + cb * CO;
-    Blocks<W, CO, PB>(buffer.data(), kb, yb, c, g, 0, 0, 0, g.ho * g.wo);
+    const float* kb = k + (t * (W / CO) + cb) * g.kh * g.kw * W * CO * G;
+    float* yb = y + n * g.ho * g.wo * c + t * G * W + cb * CO;
+    Blocks<W, G, CO, PB>(buffer.data(), kb, yb, c, g, 0, 0, 0, g.ho * g.wo);
   }
 }
 
@@ -198,8 +249,8 @@ void KernelGradOfGroup(const float* x, const float* dy, float* dk, int64_t n_ima
   float* dkg = dk + group * g.kh * g.kw * W * W;
   std::fill(dkg, dkg + g.kh * g.kw * W * W, 0.f);
   for (int64_t n = 0; n < n_images; ++n) {
-    PackGroup<W>(x, n, group, h, w, c, pad_top, pad_left, g.hp, g.wp, x_buffer);
-    PackGroup<W>(dy, n, group, g.ho, g.wo, c, 0, 0, g.ho, g.wo, dy_buffer);
+    PackGroups<W>(x, n, group, h, w, c, pad_top, pad_left, g.hp, g.wp, x_buffer);
+    PackGroups<W>(dy, n, group, g.ho, g.wo, c, 0, 0, g.ho, g.wo, dy_buffer);
     for (int64_t dh = 0; dh < g.kh; ++dh)
       for (int64_t dw = 0; dw < g.kw; ++dw)
         for (int cb = 0; cb < W; cb += CO)
@@ -209,14 +260,14 @@ void KernelGradOfGroup(const float* x, const float* dy, float* dk, int64_t n_ima
   }
 }
 
-template <int W>
+template <int W, int G>
 void RunForward(ffi::ThreadPool& pool, const float* x, const float* k, float* y,
                 int64_t n_images, int64_t h, int64_t w, int64_t pad_top, int64_t pad_left,
                 const Geometry& g) {
   ParallelFor(pool, n_images * g.groups, [&](int64_t i) {
     thread_local std::vector<float> buffer;
-    ForwardGroupOfImage<W>(x, k, y, h, w, pad_top, pad_left, g, i / g.groups,
-                           i % g.groups, buffer);
+    ForwardGroupsOfImage<W, G>(x, k, y, h, w, pad_top, pad_left, g, i / g.groups,
+                               i % g.groups, buffer);
   });
 }
 
@@ -231,7 +282,7 @@ void RunKernelGrad(ffi::ThreadPool& pool, const float* x, const float* dy, float
   });
 }
 
-// Calls fn(std::integral_constant<int, W>()) for the group widths the kernels are
+// Calls fn(std::integral_constant<int, W>()) for the group widths the weight gradient is
 // compiled for; false for any other width.
 template <typename Fn>
 bool WithWidth(int64_t width, const Fn& fn) {
@@ -243,7 +294,41 @@ bool WithWidth(int64_t width, const Fn& fn) {
   }
 }
 
-const char kWidthError[] = "grouped conv: group width must be 8, 16 or 32";
+const char kWidthError[] = "grouped conv kernel grad: group width must be 8, 16 or 32";
+
+// Whether the forward kernel is compiled for G interleaved groups of W channels: one
+// group of at least 8, or groups that together fill a vector of 8 or 16 lanes.
+template <int W, int G>
+constexpr bool kForwardLayout = G == 1 ? W >= 8 : (W * G == 8 || W * G == 16) && W * G <= kLanes;
+
+// Calls fn(integral_constant W, integral_constant G) for a layout the forward kernel is
+// compiled for; false for any other.
+template <typename Fn>
+bool WithLayout(int64_t width, int64_t per_vector, const Fn& fn) {
+  auto with_width = [&](auto w) {
+    constexpr int W = decltype(w)::value;
+    auto with = [&](auto groups) {
+      if constexpr (kForwardLayout<W, decltype(groups)::value>) {
+        fn(w, groups);
+        return true;
+      }
+      return false;
+    };
+    switch (per_vector) {
+      case 1: return with(std::integral_constant<int, 1>());
+      case 2: return with(std::integral_constant<int, 2>());
+      case 4: return with(std::integral_constant<int, 4>());
+      default: return false;
+    }
+  };
+  switch (width) {
+    case 4: return with_width(std::integral_constant<int, 4>());
+    case 8: return with_width(std::integral_constant<int, 8>());
+    case 16: return with_width(std::integral_constant<int, 16>());
+    case 32: return with_width(std::integral_constant<int, 32>());
+    default: return false;
+  }
+}
 
 ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
@@ -254,18 +339,24 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const auto yd = y->dimensions();
   if (xd.size() != 4 || kd.size() != 6 || yd.size() != 4)
     return ffi::Error::InvalidArgument("grouped conv: expected x [N,H,W,C], kernel "
-                                       "[G,W/CO,kh,kw,W,CO] and y [N,Ho,Wo,C]");
-  const int64_t width = kd[4];
-  const Geometry g(kd[0], kd[2], kd[3], stride_h, stride_w, yd[1], yd[2]);
-  if (xd[3] != g.groups * width || yd[3] != xd[3] || yd[0] != xd[0] ||
-      kd[1] * kd[5] != width)
+                                       "[T,W/CO,kh,kw,W,CO*G] and y [N,Ho,Wo,C]");
+  const int64_t width = kd[4], tuples = kd[0];
+  const int64_t per_vector = tuples * width ? xd[3] / (tuples * width) : 0;
+  const Geometry g(tuples, kd[2], kd[3], stride_h, stride_w, yd[1], yd[2]);
+  if (per_vector == 0 || xd[3] != tuples * per_vector * width || yd[3] != xd[3] ||
+      yd[0] != xd[0] || kd[1] * kd[5] != width * per_vector ||
+      (per_vector > 1 && kd[1] != 1))
     return ffi::Error::InvalidArgument("grouped conv: channels do not match the kernel");
   if (g.ho == 0 || g.wo == 0) return ffi::Error::Success();  // nothing to compute
-  const bool known_width = WithWidth(width, [&](auto w) {
-    RunForward<decltype(w)::value>(pool, x.typed_data(), kernel.typed_data(),
-                                   y->typed_data(), xd[0], xd[1], xd[2], pad_top, pad_left, g);
+  const bool known = WithLayout(width, per_vector, [&](auto w, auto groups) {
+    RunForward<decltype(w)::value, decltype(groups)::value>(
+        pool, x.typed_data(), kernel.typed_data(), y->typed_data(), xd[0], xd[1], xd[2],
+        pad_top, pad_left, g);
   });
-  return known_width ? ffi::Error::Success() : ffi::Error::InvalidArgument(kWidthError);
+  return known ? ffi::Error::Success()
+               : ffi::Error::InvalidArgument(
+                     "grouped conv: no kernel for groups of this width, this many to a "
+                     "vector (calls.py's groups_per_vector)");
 }
 
 ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,

@@ -12,6 +12,9 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
+#include <cstring>
+
 #ifndef RESNEXT_JAX_VECTOR_BITS
 #error "RESNEXT_JAX_VECTOR_BITS must be 256 or 512 (build.py sets it)"
 #endif
@@ -34,6 +37,16 @@ struct Simd<8> {
   static V Load(const float* p) { return _mm256_loadu_ps(p); }
   static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  // p[0], p[1] repeated across the lanes: one 64-bit broadcast (a load, no shuffle).
+  static V BroadcastPair(const float* p) {
+    double pair;
+    std::memcpy(&pair, p, sizeof(pair));
+    return _mm256_castpd_ps(_mm256_set1_pd(pair));
+  }
+  // Lane i of the result is lane index[i] of v.
+  static V Permute(V v, const int32_t* index) {
+    return _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index)));
+  }
   static V Fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c
   static V Add(V a, V b) { return _mm256_add_ps(a, b); }
   // max(a, b) returns b where either is NaN: Max(Zero(), x) keeps x's NaNs.
@@ -49,6 +62,16 @@ struct Simd<16> {
   static V Load(const float* p) { return _mm512_loadu_ps(p); }
   static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V Broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V BroadcastPair(const float* p) {
+    double pair;
+    std::memcpy(&pair, p, sizeof(pair));
+    return _mm512_castpd_ps(_mm512_set1_pd(pair));
+  }
+  // p[0..3] repeated across the lanes (a load, no shuffle).
+  static V BroadcastQuad(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+  static V Permute(V v, const int32_t* index) {
+    return _mm512_permutexvar_ps(_mm512_loadu_si512(index), v);
+  }
   static V Fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V Add(V a, V b) { return _mm512_add_ps(a, b); }
   static V Max(V a, V b) { return _mm512_max_ps(a, b); }
