@@ -25,16 +25,16 @@ import numpy as np
 
 from resnext_jax.kernels.cpu import build
 
-# Group widths (input = output channels per group) that the weight-gradient kernel is
-# compiled for; 4-wide groups run there in pairs (grouped_conv_kernel_grad).
+# Group widths (input = output channels per group) that the kernel is compiled for on its
+# own; 4-wide groups run two or four to a vector (`groups_per_vector`).
 WIDTHS = (8, 16, 32)
 
 
 def supports(kernel_shape, groups: int) -> bool:
   """Whether the kernel handles an HWIO kernel of `groups` groups (any batch, size, stride).
 
-  4-wide groups need an even number of groups: the forward pass runs them two or four to
-  a vector (`groups_per_vector`), the weight gradient in pairs.
+  4-wide groups need an even number of groups: they run two or four to a vector
+  (`groups_per_vector`).
   """
   _, _, width_in, out_channels = kernel_shape
   paired = width_in == 4 and groups % 2 == 0
@@ -151,19 +151,17 @@ def grouped_conv_kernel_grad(x, dy, kernel_shape, strides, padding, groups):
   """Weight gradient (HWIO, float32) of `grouped_conv_forward` for output gradient `dy`."""
   _require()
   kh, kw, width, out_channels = kernel_shape
-  paired = width == 4
-  kernel_groups, kernel_width = (groups // 2, 8) if paired else (groups, width)
+  per_vector = groups_per_vector(width, groups)
+  tuples = groups // per_vector
   call = jax.ffi.ffi_call(build.KERNEL_GRAD_TARGET, jax.ShapeDtypeStruct(
-      (kernel_groups, kh, kw, kernel_width, kernel_width), jnp.float32))
+      (tuples, kh, kw, width, width * per_vector), jnp.float32))
   kernel_grad = _split_over_batch(
       lambda x, dy: call(x, dy, **_attributes(strides, padding)), batched=(True, True),
       sums_over_batch=True, rule='n h w c, n p q c -> g kh kw i o', reduced=('n',))
   dk = kernel_grad(x.astype(jnp.float32), dy.astype(jnp.float32))
-  if paired:  # keep the diagonal blocks: [groups / 2, 2 (pair), kh, kw, 4, 4]
-    dk = jnp.stack([dk[..., :4, :4], dk[..., 4:, 4:]], axis=1)
-  # [groups, kh, kw, in, out] -> [kh, kw, in, groups * out]
-  return dk.reshape(groups, kh, kw, width, width).transpose(1, 2, 3, 0, 4).reshape(
-      kh, kw, width, out_channels)
+  # [tuples, kh, kw, in, out, per_vector] (groups interleaved) -> [kh, kw, in, groups * out]
+  dk = dk.reshape(tuples, kh, kw, width, width, per_vector)
+  return dk.transpose(1, 2, 3, 0, 5, 4).reshape(kh, kw, width, out_channels)
 
 
 # Most input channels the stem kernel takes. It reads kw * channels consecutive inputs per

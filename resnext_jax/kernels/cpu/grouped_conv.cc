@@ -201,62 +201,66 @@ void ForwardGroupsOfImage(const float* x, const float* k, float* y, int64_t h, i
 
 // Weight gradient, one tap: acc[i][co] += sum over output pixels of
 // x[pixel's input under the tap][ci0 + i] * dy[pixel][co0 + co], for CI input channels
-// and CO output channels, all in registers. `xt` and `dyb` are dense packed groups.
-template <int W, int CI, int CO>
+// and CO output channels of G interleaved groups, all in registers. `xt` and `dyb` are
+// dense packed groups ([..][W][G]); row i of `dk` holds lanes co * G + g.
+template <int W, int G, int CI, int CO>
 inline void KernelGradTile(const float* xt, const float* dyb, float* dk, const Geometry& g) {
-  using S = BlockSimd<CO>;
-  constexpr int V = kVectorsPerBlock<CO>, L = S::kLanes;
+  constexpr int kBlockLanes = CO * G;
+  using S = BlockSimd<kBlockLanes>;
+  constexpr int V = kVectorsPerBlock<kBlockLanes>, L = S::kLanes;
   typename S::V acc[CI][V];
   for (int i = 0; i < CI; ++i)
     for (int j = 0; j < V; ++j) acc[i][j] = S::Zero();
   for (int64_t q = 0; q < g.ho; ++q) {
-    const float* xrow = xt + q * g.sh * g.wp * W;
-    const float* dyrow = dyb + q * g.wo * W;
+    const float* xrow = xt + q * g.sh * g.wp * W * G;
+    const float* dyrow = dyb + q * g.wo * W * G;
     for (int64_t r = 0; r < g.wo; ++r) {
       typename S::V d[V];
-      for (int j = 0; j < V; ++j) d[j] = S::Load(dyrow + r * W + L * j);
-      const float* xp = xrow + r * g.sw * W;
+      for (int j = 0; j < V; ++j) d[j] = S::Load(dyrow + r * W * G + L * j);
+      const float* xp = xrow + r * g.sw * W * G;
       for (int i = 0; i < CI; ++i) {
-        const typename S::V xv = S::Broadcast(xp + i);
+        const typename S::V xv = BroadcastGroups<S, G>(xp + i * G);
         for (int j = 0; j < V; ++j) acc[i][j] = S::Fmadd(xv, d[j], acc[i][j]);
       }
     }
   }
   for (int i = 0; i < CI; ++i)
     for (int j = 0; j < V; ++j) {
-      float* out = dk + i * W + L * j;
+      float* out = dk + i * W * G + L * j;
       S::Store(out, S::Add(S::Load(out), acc[i][j]));
     }
 }
 
 // Input channels [ci, W) of one tap in tiles of CI, the rest in tiles of CI / 2, ...
-template <int W, int CI, int CO>
+template <int W, int G, int CI, int CO>
 inline void KernelGradTiles(const float* xt, const float* dyb, float* dk, const Geometry& g,
                             int ci) {
-  for (; ci + CI <= W; ci += CI) KernelGradTile<W, CI, CO>(xt + ci, dyb, dk + ci * W, g);
-  if constexpr (CI > 1) KernelGradTiles<W, CI / 2, CO>(xt, dyb, dk, g, ci);
+  for (; ci + CI <= W; ci += CI)
+    KernelGradTile<W, G, CI, CO>(xt + ci * G, dyb, dk + ci * W * G, g);
+  if constexpr (CI > 1) KernelGradTiles<W, G, CI / 2, CO>(xt, dyb, dk, g, ci);
 }
 
-// Weight gradient of one group ([kh][kw][W in][W out], zeroed here), summed over images.
-template <int W>
-void KernelGradOfGroup(const float* x, const float* dy, float* dk, int64_t n_images,
-                       int64_t h, int64_t w, int64_t pad_top, int64_t pad_left,
-                       const Geometry& g, int64_t group, std::vector<float>& x_buffer,
-                       std::vector<float>& dy_buffer) {
-  constexpr int CO = std::min(W, kGroupBlock);
-  constexpr int CI = RegisterRows(kVectorsPerBlock<CO>, W);
-  const int64_t c = g.groups * W;
-  float* dkg = dk + group * g.kh * g.kw * W * W;
-  std::fill(dkg, dkg + g.kh * g.kw * W * W, 0.f);
+// Weight gradient of G groups (the t-th such tuple; [kh][kw][W in][W out][G], zeroed
+// here), summed over images.
+template <int W, int G>
+void KernelGradOfGroups(const float* x, const float* dy, float* dk, int64_t n_images,
+                        int64_t h, int64_t w, int64_t pad_top, int64_t pad_left,
+                        const Geometry& g, int64_t t, std::vector<float>& x_buffer,
+                        std::vector<float>& dy_buffer) {
+  constexpr int CO = kBlockChannels<W, G>;
+  constexpr int CI = RegisterRows(kVectorsPerBlock<CO * G>, W);
+  const int64_t c = g.groups * G * W;
+  float* dkt = dk + t * g.kh * g.kw * W * W * G;
+  std::fill(dkt, dkt + g.kh * g.kw * W * W * G, 0.f);
   for (int64_t n = 0; n < n_images; ++n) {
-    PackGroups<W>(x, n, group, h, w, c, pad_top, pad_left, g.hp, g.wp, x_buffer);
-    PackGroups<W>(dy, n, group, g.ho, g.wo, c, 0, 0, g.ho, g.wo, dy_buffer);
+    PackGroups<W, G>(x, n, t * G, h, w, c, pad_top, pad_left, g.hp, g.wp, x_buffer);
+    PackGroups<W, G>(dy, n, t * G, g.ho, g.wo, c, 0, 0, g.ho, g.wo, dy_buffer);
     for (int64_t dh = 0; dh < g.kh; ++dh)
       for (int64_t dw = 0; dw < g.kw; ++dw)
-        for (int cb = 0; cb < W; cb += CO)
-          KernelGradTiles<W, CI, CO>(x_buffer.data() + (dh * g.wp + dw) * W,
-                                     dy_buffer.data() + cb,
-                                     dkg + (dh * g.kw + dw) * W * W + cb, g, 0);
+        for (int cb = 0; cb < W; cb += CO)  // G > 1: one block, CO = W
+          KernelGradTiles<W, G, CI, CO>(x_buffer.data() + (dh * g.wp + dw) * W * G,
+                                        dy_buffer.data() + cb,
+                                        dkt + (dh * g.kw + dw) * W * W * G + cb, g, 0);
   }
 }
 
@@ -271,44 +275,30 @@ void RunForward(ffi::ThreadPool& pool, const float* x, const float* k, float* y,
   });
 }
 
-template <int W>
+template <int W, int G>
 void RunKernelGrad(ffi::ThreadPool& pool, const float* x, const float* dy, float* dk,
                    int64_t n_images, int64_t h, int64_t w, int64_t pad_top,
                    int64_t pad_left, const Geometry& g) {
-  ParallelFor(pool, g.groups, [&](int64_t group) {
+  ParallelFor(pool, g.groups, [&](int64_t t) {
     thread_local std::vector<float> x_buffer, dy_buffer;
-    KernelGradOfGroup<W>(x, dy, dk, n_images, h, w, pad_top, pad_left, g, group, x_buffer,
-                         dy_buffer);
+    KernelGradOfGroups<W, G>(x, dy, dk, n_images, h, w, pad_top, pad_left, g, t, x_buffer,
+                             dy_buffer);
   });
 }
 
-// Calls fn(std::integral_constant<int, W>()) for the group widths the weight gradient is
-// compiled for; false for any other width.
-template <typename Fn>
-bool WithWidth(int64_t width, const Fn& fn) {
-  switch (width) {
-    case 8: fn(std::integral_constant<int, 8>()); return true;
-    case 16: fn(std::integral_constant<int, 16>()); return true;
-    case 32: fn(std::integral_constant<int, 32>()); return true;
-    default: return false;
-  }
-}
-
-const char kWidthError[] = "grouped conv kernel grad: group width must be 8, 16 or 32";
-
-// Whether the forward kernel is compiled for G interleaved groups of W channels: one
-// group of at least 8, or groups that together fill a vector of 8 or 16 lanes.
+// Whether the kernels are compiled for G interleaved groups of W channels: one group of
+// at least 8, or groups that together fill a vector of 8 or 16 lanes.
 template <int W, int G>
-constexpr bool kForwardLayout = G == 1 ? W >= 8 : (W * G == 8 || W * G == 16) && W * G <= kLanes;
+constexpr bool kCompiledLayout = G == 1 ? W >= 8 : (W * G == 8 || W * G == 16) && W * G <= kLanes;
 
-// Calls fn(integral_constant W, integral_constant G) for a layout the forward kernel is
+// Calls fn(integral_constant W, integral_constant G) for a layout the kernels are
 // compiled for; false for any other.
 template <typename Fn>
 bool WithLayout(int64_t width, int64_t per_vector, const Fn& fn) {
   auto with_width = [&](auto w) {
     constexpr int W = decltype(w)::value;
     auto with = [&](auto groups) {
-      if constexpr (kForwardLayout<W, decltype(groups)::value>) {
+      if constexpr (kCompiledLayout<W, decltype(groups)::value>) {
         fn(w, groups);
         return true;
       }
@@ -329,6 +319,10 @@ bool WithLayout(int64_t width, int64_t per_vector, const Fn& fn) {
     default: return false;
   }
 }
+
+const char kLayoutError[] =
+    "grouped conv: no kernel for groups of this width, this many to a vector (calls.py's "
+    "groups_per_vector)";
 
 ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
@@ -353,10 +347,7 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         pool, x.typed_data(), kernel.typed_data(), y->typed_data(), xd[0], xd[1], xd[2],
         pad_top, pad_left, g);
   });
-  return known ? ffi::Error::Success()
-               : ffi::Error::InvalidArgument(
-                     "grouped conv: no kernel for groups of this width, this many to a "
-                     "vector (calls.py's groups_per_vector)");
+  return known ? ffi::Error::Success() : ffi::Error::InvalidArgument(kLayoutError);
 }
 
 ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -368,21 +359,24 @@ ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const auto kd = dk->dimensions();
   if (xd.size() != 4 || yd.size() != 4 || kd.size() != 5)
     return ffi::Error::InvalidArgument("grouped conv kernel grad: expected x [N,H,W,C], "
-                                       "dy [N,Ho,Wo,C] and dk [G,kh,kw,W,W]");
-  const int64_t width = kd[3];
-  const Geometry g(kd[0], kd[1], kd[2], stride_h, stride_w, yd[1], yd[2]);
-  if (xd[3] != g.groups * width || yd[3] != xd[3] || yd[0] != xd[0] || kd[4] != width)
+                                       "dy [N,Ho,Wo,C] and dk [T,kh,kw,W,W*G]");
+  const int64_t width = kd[3], tuples = kd[0];
+  const int64_t per_vector = width ? kd[4] / width : 0;
+  const Geometry g(tuples, kd[1], kd[2], stride_h, stride_w, yd[1], yd[2]);
+  if (per_vector == 0 || kd[4] != width * per_vector ||
+      xd[3] != tuples * per_vector * width || yd[3] != xd[3] || yd[0] != xd[0])
     return ffi::Error::InvalidArgument("grouped conv kernel grad: channels do not match");
   float* dkp = dk->typed_data();
   if (g.ho == 0 || g.wo == 0) {  // no output, so no gradient (and no input extent to copy)
     std::fill(dkp, dkp + dk->element_count(), 0.f);
     return ffi::Error::Success();
   }
-  const bool known_width = WithWidth(width, [&](auto w) {
-    RunKernelGrad<decltype(w)::value>(pool, x.typed_data(), dy.typed_data(), dkp, xd[0],
-                                      xd[1], xd[2], pad_top, pad_left, g);
+  const bool known = WithLayout(width, per_vector, [&](auto w, auto groups) {
+    RunKernelGrad<decltype(w)::value, decltype(groups)::value>(
+        pool, x.typed_data(), dy.typed_data(), dkp, xd[0], xd[1], xd[2], pad_top, pad_left,
+        g);
   });
-  return known_width ? ffi::Error::Success() : ffi::Error::InvalidArgument(kWidthError);
+  return known ? ffi::Error::Success() : ffi::Error::InvalidArgument(kLayoutError);
 }
 
 }  // namespace
