@@ -36,6 +36,11 @@ constexpr int kTileRows = (kVectorRegisters - kPanelVectors - 1) / kPanelVectors
 // stem packs all its weights as one such block).
 constexpr int64_t kDepthBlock = 256;
 
+// Depth steps ahead that a tile asks for its weights: each step reads a panel's row (4
+// cache lines with AVX-512) from L2, and fetched this far ahead the 1x1 convs ran about
+// 5% faster (16 steps: no gain). A prefetch past the panel's end is harmless.
+constexpr int64_t kPrefetchAhead = 8;
+
 struct Epilogue {
   const float* scale;   // [CO]
   const float* offset;  // [CO]
@@ -70,6 +75,8 @@ inline void Tile(const float* const* a, int64_t segments, int64_t segment_stride
     const int64_t shift = s * segment_stride;
     for (int64_t k = 0; k < depth; ++k) {
       typename S::V w[V];
+      for (int j = 0; j < V; ++j)
+        __builtin_prefetch(b + (k + kPrefetchAhead) * kWidth + j * kLanes);
       for (int j = 0; j < V; ++j) w[j] = S::Load(b + k * kWidth + j * kLanes);
       for (int r = 0; r < R; ++r) {
         const typename S::V av = S::Broadcast(a[r] + shift + k);
