@@ -188,7 +188,7 @@ def test_a_stem_convolution_with_no_output_has_a_zero_weight_gradient(strides, p
 def test_supports_the_widths_of_the_published_archs():
   for width, groups in [(4, 32), (8, 32), (16, 32), (32, 32), (4, 64)]:
     assert cpu_calls.supports((3, 3, width, groups * width), groups)
-  assert not cpu_calls.supports((3, 3, 4, 12), 3)  # 4-wide groups run in pairs
+  assert not cpu_calls.supports((3, 3, 4, 12), 3)  # 4-wide groups share vectors
   assert not cpu_calls.supports((3, 3, 2, 8), 4)
   assert not cpu_calls.supports((3, 3, 64, 64), 1)
   assert cpu_calls.supports_stem((7, 7, 3, 64))

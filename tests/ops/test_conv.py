@@ -24,7 +24,7 @@ FAST_IMPLS = [name for name in impls.IMPLEMENTATIONS if name != 'xla'
 CASES = {
     'width4': ((2, 9, 9, 16), 3, 1, 4, 16),
     'width4_stride2_odd': ((2, 9, 9, 16), 3, 2, 4, 16),
-    'width4_odd_groups': ((2, 6, 6, 12), 3, 1, 3, 12),  # unpaired: 'native' falls back
+    'width4_odd_groups': ((2, 6, 6, 12), 3, 1, 3, 12),  # odd: 'native' falls back
     # 'native' interleaves groups in a vector: as many as fill it, else fewer that divide
     # the group count (cpu_calls.groups_per_vector).
     'width4_six_groups': ((2, 7, 7, 24), 3, 1, 6, 24),

@@ -2,7 +2,7 @@
 
 * `grouped_conv.cc`: the grouped convolution and its weight gradient. XLA's grouped
   convolution, and every formulation of it in XLA ops that we tried, leaves the vector
-  units mostly idle on the 8- to 32-wide groups of a ResNeXt; the kernel keeps a block
+  units mostly idle on the 4- to 32-wide groups of a ResNeXt; the kernel keeps a block
   of outputs in registers.
 * `stem_conv.cc`: the weight gradient of the stem (a dense convolution of few input
   channels), which XLA ran at a fraction of the machine's speed; and its forward pass
@@ -37,8 +37,8 @@ def supports(kernel_shape, groups: int) -> bool:
   (`groups_per_vector`).
   """
   _, _, width_in, out_channels = kernel_shape
-  paired = width_in == 4 and groups % 2 == 0
-  return (groups > 1 and (width_in in WIDTHS or paired)
+  shared = width_in == 4 and groups % 2 == 0
+  return (groups > 1 and (width_in in WIDTHS or shared)
           and out_channels == groups * width_in)
 
 
