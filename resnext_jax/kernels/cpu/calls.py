@@ -43,7 +43,7 @@ def supports(kernel_shape, groups: int) -> bool:
 
 
 def groups_per_vector(width: int, groups: int) -> int:
-  """How many groups the forward kernel runs interleaved in one vector: as many as fill
+  """How many groups the kernels run interleaved in one vector: as many as fill
   the build's widest vector (8 floats with AVX2, 16 with AVX-512), else fewer that
   divide `groups`; 1 for groups as wide as a vector."""
   per_vector = max(1, build.instruction_set().vector_bits // 32 // width)

@@ -59,7 +59,7 @@ struct Geometry {
            int64_t wo)
       : groups(groups), kh(kh), kw(kw), sh(sh), sw(sw),
         hp((ho - 1) * sh + kh), wp((wo - 1) * sw + kw), ho(ho), wo(wo) {}
-  int64_t groups, kh, kw, sh, sw;  // groups: of the weight gradient, or T in the forward
+  int64_t groups, kh, kw, sh, sw;  // groups: T, the tuples of G interleaved groups
   int64_t hp, wp;  // extent of the zero-padded input that the outputs read
   int64_t ho, wo;
 };
@@ -155,7 +155,6 @@ void PackGroups(const float* src, int64_t n, int64_t group, int64_t h, int64_t w
                 int64_t c, int64_t top, int64_t left, int64_t rows, int64_t cols,
                 std::vector<float>& buffer) {
   using S = SimdFor<W * G>;
-  static constexpr auto kOrder = PackedOrder<W, G>();
   buffer.resize(rows * cols * W * G);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t src_r = r - top;
@@ -170,6 +169,7 @@ void PackGroups(const float* src, int64_t n, int64_t group, int64_t h, int64_t w
           for (int j = 0; j < W; j += S::kLanes) S::Store(dst + j, S::Load(from + j));
         } else {
           static_assert(W * G == S::kLanes, "interleaved groups fill exactly one vector");
+          static constexpr auto kOrder = PackedOrder<W, G>();
           S::Store(dst, S::Permute(S::Load(from), kOrder.data()));
         }
       }
@@ -289,7 +289,8 @@ void RunKernelGrad(ffi::ThreadPool& pool, const float* x, const float* dy, float
 // Whether the kernels are compiled for G interleaved groups of W channels: one group of
 // at least 8, or groups that together fill a vector of 8 or 16 lanes.
 template <int W, int G>
-constexpr bool kCompiledLayout = G == 1 ? W >= 8 : (W * G == 8 || W * G == 16) && W * G <= kLanes;
+constexpr bool kCompiledLayout =
+    G == 1 ? W >= 8 : (W * G == 8 || W * G == 16) && W * G <= kLanes;
 
 // Calls fn(integral_constant W, integral_constant G) for a layout the kernels are
 // compiled for; false for any other.
