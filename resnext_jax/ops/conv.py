@@ -12,7 +12,8 @@ a `jax.custom_vjp` wherever JAX's own derivative is slow there:
   - other convolutions (the 7x7 stem) keep XLA's forward, and compute the weight
     gradient as matmuls of input patches, a block of output rows at a time.
 `'native'` is `'taps'` with the C++ kernels of `kernels/cpu` where they apply: the
-grouped convolutions, and the stem's weight gradient and (float32) forward pass.
+grouped convolutions, the stem's weight gradient and (float32) forward pass, and the
+weight gradients of the 1x1 convolutions of up to 512 x 512 channels.
 """
 
 import functools
@@ -95,19 +96,20 @@ def _dense_conv_bwd(strides, padding, native, residuals, dy):
 _dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _pointwise(x, kernel, strides):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _pointwise(x, kernel, strides, native):
   """A 1x1 convolution as a strided slice and a matmul (XLA CPU's fastest contraction)."""
   sh, sw = strides
   return lax.dot_general(x[:, ::sh, ::sw], kernel[0, 0], (((3,), (0,)), ((), ())))
 
 
-def _pointwise_fwd(x, kernel, strides):
-  return _pointwise(x, kernel, strides), (x, kernel)
+def _pointwise_fwd(x, kernel, strides, native):
+  return _pointwise(x, kernel, strides, native), (x, kernel)
 
 
-def _pointwise_bwd(strides, residuals, dy):
-  """Both gradients as plain matmuls over the pixels.
+def _pointwise_bwd(strides, native, residuals, dy):
+  """Both gradients as plain matmuls over the pixels; with 'native' and float32, the
+  kernel gradient of the smaller layers by the C++ kernel instead.
 
   JAX's own transpose of the forward matmul computes the kernel gradient transposed
   (dy^T x, then a transpose), which XLA turns into a transposed copy of dy fused into
@@ -116,10 +118,14 @@ def _pointwise_bwd(strides, residuals, dy):
   x, kernel = residuals
   sh, sw = strides
   xs = x[:, ::sh, ::sw]
-  # Over one flattened pixel axis: with three contracting axes XLA canonicalizes the
-  # matmul into a transposed copy again.
-  dk = lax.dot_general(xs.reshape(-1, xs.shape[-1]), dy.reshape(-1, dy.shape[-1]),
-                       (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  if (native and x.dtype == dy.dtype == jnp.float32
+      and cpu_calls.supports_pointwise_kernel_grad(kernel.shape)):
+    dk = cpu_calls.pointwise_conv_kernel_grad(xs, dy)
+  else:
+    # Over one flattened pixel axis: with three contracting axes XLA canonicalizes the
+    # matmul into a transposed copy again.
+    dk = lax.dot_general(xs.reshape(-1, xs.shape[-1]), dy.reshape(-1, dy.shape[-1]),
+                         (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   dxs = lax.dot_general(dy, kernel[0, 0], (((3,), (1,)), ((), ())))
   # Scatter back to the strided positions (a no-op at stride 1).
   n, h, w, _ = x.shape
@@ -136,7 +142,7 @@ def conv_taps(x, kernel, strides, padding, groups, native=False):
   """Dispatches each kind of convolution to its fast form (see the module docstring)."""
   kh, kw = kernel.shape[:2]
   if groups == 1 and kh == kw == 1 and all(p == (0, 0) for p in padding):
-    return _pointwise(x, kernel, strides)
+    return _pointwise(x, kernel, strides, native)
   if groups > 1:
     return grouped_conv(x, kernel, strides, padding, groups, native)
   return _dense_conv(x, kernel, strides, padding, native)

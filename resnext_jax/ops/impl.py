@@ -11,7 +11,8 @@ implementations chosen by one name, the model's `conv_impl`. The model resolves 
   `ops/pooling.py`).
 * `'native'` (CPU only): `'taps'`, with the C++ kernels of `kernels/cpu` where they apply:
   grouped convolutions, the stem, the eval-mode 1x1 convolutions fused with their norm
-  (`ops/fused_eval.py`), and the training batch norm's sums (`ops/norm_stats.py`).
+  (`ops/fused_eval.py`), the weight gradients of the smaller 1x1 convolutions, and the
+  training batch norm's sums (`ops/norm_stats.py`).
 * `'auto'`: per backend, `AUTO_IMPL` below.
 
 | backend | `'auto'`   | why (the measurements: docs/performance.md)                       |

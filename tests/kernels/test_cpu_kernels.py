@@ -241,6 +241,38 @@ def test_the_fused_pointwise_kernel_takes_1x1_kernels_with_outputs_in_blocks_of_
   assert not cpu_calls.supports_pointwise((1, 1, 0, 256))
 
 
+def test_the_1x1_weight_gradient_kernel_takes_the_first_two_stages_layers():
+  """Which 1x1 weight gradients 'native' computes in C++ (else XLA's dot): outputs in
+  blocks of 16, up to MAX_POINTWISE_GRAD_WEIGHTS weights (resnext50's stages 1 and 2)."""
+  for shape in [(1, 1, 64, 128), (1, 1, 256, 128), (1, 1, 512, 512), (1, 1, 20, 48)]:
+    assert cpu_calls.supports_pointwise_kernel_grad(shape), shape
+  for shape in [(1, 1, 1024, 512), (1, 1, 64, 24), (3, 3, 64, 64), (1, 1, 0, 16)]:
+    assert not cpu_calls.supports_pointwise_kernel_grad(shape), shape
+
+
+@pytest.mark.parametrize('kernel_shape, runs_the_kernel', [
+    ((1, 1, 32, 64), True), ((1, 1, 1024, 512), False), ((1, 1, 32, 24), False)])
+def test_native_1x1_weight_gradient_runs_the_kernel_where_it_applies(kernel_shape,
+                                                                      runs_the_kernel):
+  if cpu_build.unavailable_reason():
+    pytest.skip(cpu_build.unavailable_reason())
+  x = jnp.ones((1, 3, 3, kernel_shape[2]))
+
+  def loss(kernel):
+    return jnp.sum(conv_ops.conv2d(x, kernel, impl='native') ** 2)
+
+  hlo = jax.jit(jax.grad(loss)).lower(jnp.ones(kernel_shape)).compile().as_text()
+  assert ('resnext_pointwise_conv_kernel_grad' in hlo) == runs_the_kernel
+
+
+def test_the_1x1_weight_gradient_of_no_pixels_is_zero():
+  if cpu_build.unavailable_reason():
+    pytest.skip(cpu_build.unavailable_reason())
+  dk = jax.jit(cpu_calls.pointwise_conv_kernel_grad)(jnp.ones((0, 4, 4, 8)),
+                                                     jnp.ones((0, 4, 4, 16)))
+  assert dk.shape == (8, 16) and not jnp.any(dk)
+
+
 def test_the_fused_pointwise_kernel_names_a_residual_of_the_wrong_shape():
   if cpu_build.unavailable_reason():
     pytest.skip(cpu_build.unavailable_reason())

@@ -38,6 +38,11 @@ CASES = {
     'width32_stride2': ((2, 7, 7, 64), 3, 2, 2, 64),
     'pointwise': ((2, 8, 8, 16), 1, 1, 1, 24),
     'pointwise_stride2_odd': ((2, 9, 9, 16), 1, 2, 1, 24),
+    # Outputs in blocks of 16: 'native' computes the weight gradient in C++, in tiles of
+    # input channels with a shorter last one (20), panels of output channels with a
+    # narrower last one (80, 48), and blocks of pixels with a shorter last one.
+    'pointwise_blocks_of_16': ((2, 15, 15, 20), 1, 1, 1, 80),
+    'pointwise_blocks_of_16_stride2': ((3, 11, 11, 40), 1, 2, 1, 48),
     'stem': ((2, 15, 15, 3), 7, 2, 1, 16),
     'stem_nonsquare': ((1, 12, 9, 3), 7, 2, 1, 32),
     'stem_8_outputs': ((1, 9, 9, 3), 7, 2, 1, 8),  # 'native' keeps the matmul form
@@ -113,7 +118,8 @@ def loss_and_grads(conv):
 
 
 @pytest.mark.parametrize('case_name', ['width4_stride2_odd', 'width8', 'width16',
-                                       'width32_stride2', 'pointwise_stride2_odd', 'stem'])
+                                       'width32_stride2', 'pointwise_stride2_odd',
+                                       'pointwise_blocks_of_16_stride2', 'stem'])
 @pytest.mark.parametrize('impl', FAST_IMPLS)
 def test_sharded_over_8_devices(impl, case_name):
   assert jax.device_count() == 8, 'run through the test suite (tests/conftest.py)'

@@ -32,12 +32,14 @@ from resnext_jax.cache import atomic_file, cache_root
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_HERE, name)
                 for name in ('grouped_conv.cc', 'stem_conv.cc', 'pointwise_conv.cc',
-                             'channel_sums.cc', 'conv_tile.h', 'ffi_common.h', 'vec.h'))
+                             'pointwise_kernel_grad.cc', 'channel_sums.cc', 'conv_tile.h',
+                             'ffi_common.h', 'vec.h'))
 FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC')
 FORWARD_TARGET = 'resnext_grouped_conv_forward'
 KERNEL_GRAD_TARGET = 'resnext_grouped_conv_kernel_grad'
 STEM_KERNEL_GRAD_TARGET = 'resnext_stem_conv_kernel_grad'
 POINTWISE_TARGET = 'resnext_pointwise_conv'
+POINTWISE_KERNEL_GRAD_TARGET = 'resnext_pointwise_conv_kernel_grad'
 STEM_NORMALIZED_TARGET = 'resnext_stem_conv_normalized'
 CHANNEL_SUMS_TARGET = 'resnext_channel_sums'
 ISA_VARIABLE = 'RESNEXT_JAX_CPU_ISA'
@@ -159,6 +161,7 @@ def unavailable_reason() -> str | None:
                           (KERNEL_GRAD_TARGET, library.ResnextGroupedConvKernelGrad),
                           (STEM_KERNEL_GRAD_TARGET, library.ResnextStemConvKernelGrad),
                           (POINTWISE_TARGET, library.ResnextPointwiseConv),
+                          (POINTWISE_KERNEL_GRAD_TARGET, library.ResnextPointwiseKernelGrad),
                           (STEM_NORMALIZED_TARGET, library.ResnextStemConvNormalized),
                           (CHANNEL_SUMS_TARGET, library.ResnextChannelSums)):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform='cpu')
