@@ -257,8 +257,8 @@ def pointwise_conv(x, kernel, scale, offset, *, stride=1, residual=None, relu=Fa
 
 # Most weights (input x output channels) of a 1x1 convolution whose weight gradient the
 # kernel computes: each work item sums into its own copy of the gradient, which should
-# stay in L2. Up to 512 x 512 (a ResNeXt's first two stages) it ran 1.2-1.8x as fast as
-# XLA's dot; on the 1024- and 2048-channel layers of the last two stages, slower.
+# stay in L2. Up to 512 x 512 (a ResNeXt's first two stages) it ran 1.1-1.7x as fast as
+# XLA's dot; on the 1024- and 2048-channel layers of the last two stages, 0.7-1.0x.
 MAX_POINTWISE_GRAD_WEIGHTS = 512 * 512
 
 
