@@ -265,6 +265,26 @@ def test_native_1x1_weight_gradient_runs_the_kernel_where_it_applies(kernel_shap
   assert ('resnext_pointwise_conv_kernel_grad' in hlo) == runs_the_kernel
 
 
+def test_each_device_sums_the_1x1_weight_gradient_of_its_own_images():
+  if cpu_build.unavailable_reason():
+    pytest.skip(cpu_build.unavailable_reason())
+  assert jax.device_count() == 8, 'run through the test suite (tests/conftest.py)'
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def loss(x, kernel):
+    return jnp.sum(conv_ops.conv2d(x, kernel, impl='native') ** 2)
+
+  step = jax.jit(jax.grad(loss, argnums=1), in_shardings=(by_batch, replicated),
+                 out_shardings=replicated)
+  hlo = step.lower(jnp.ones((8, 9, 9, 16)), jnp.ones((1, 1, 16, 32))).compile().as_text()
+  assert 'all-gather' not in hlo
+  calls = [line for line in hlo.splitlines()
+           if 'custom_call_target="resnext_pointwise_conv_kernel_grad"' in line]
+  assert len(calls) == 1 and 'f32[81,16]' in calls[0], calls  # one image's 9 x 9 pixels
+
+
 def test_the_1x1_weight_gradient_of_no_pixels_is_zero():
   if cpu_build.unavailable_reason():
     pytest.skip(cpu_build.unavailable_reason())

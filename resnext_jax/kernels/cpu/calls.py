@@ -281,8 +281,11 @@ def pointwise_conv_kernel_grad(x, dy):
   call = jax.ffi.ffi_call(build.POINTWISE_KERNEL_GRAD_TARGET, jax.ShapeDtypeStruct(
       (x.shape[-1], dy.shape[-1]), jnp.float32))
   kernel_grad = _split_over_batch(call, batched=(True, True), sums_over_batch=True,
-                                  rule='n h w c, n h w o -> c o', reduced=('n',))
-  return kernel_grad(x.astype(jnp.float32), dy.astype(jnp.float32))
+                                  rule='p c, p o -> c o', reduced=('p',))
+  # As [pixels, channels], the shape in which the forward matmul reads x: XLA then hands
+  # both the same buffer, where for an NHWC operand it computed x a second time.
+  return kernel_grad(x.reshape(-1, x.shape[-1]).astype(jnp.float32),
+                     dy.reshape(-1, dy.shape[-1]).astype(jnp.float32))
 
 
 def channel_sums(a, b=None):
