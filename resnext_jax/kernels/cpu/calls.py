@@ -11,8 +11,8 @@
   and ReLU applied before its outputs leave the registers, where XLA makes separate
   passes over the output for them. (`conv_tile.h`: the register tile both share.)
 * `pointwise_kernel_grad.cc`: the weight gradient of a 1x1 convolution (a sum over the
-  pixels of x^T dy), which XLA runs as a plain dot at about half its matmuls' speed on
-  the layers of a ResNeXt's first two stages.
+  pixels of x^T dy), which XLA runs as a plain dot at half to three quarters of its
+  matmuls' speed on the layers of a ResNeXt's first two stages.
 * `channel_sums.cc`: the two per-channel sums of a training batch norm (forward: of x
   and x * x; backward: of g and g * x) from one read, where XLA reads the tensor once
   per sum.
@@ -258,7 +258,7 @@ def pointwise_conv(x, kernel, scale, offset, *, stride=1, residual=None, relu=Fa
 # Most weights (input x output channels) of a 1x1 convolution whose weight gradient the
 # kernel computes: each work item sums into its own copy of the gradient, which should
 # stay in L2. Up to 512 x 512 (a ResNeXt's first two stages) it ran 1.1-1.7x as fast as
-# XLA's dot; on the 1024- and 2048-channel layers of the last two stages, 0.7-1.0x.
+# XLA's dot; on the 1024- and 2048-channel layers of the last two stages, 0.6-1.0x.
 MAX_POINTWISE_GRAD_WEIGHTS = 512 * 512
 
 
