@@ -4,15 +4,20 @@ XLA:CPU allocates each execution's scratch buffer (about 2 GB for a ResNeXt-50 t
 at batch 16) with `posix_memalign` from a worker thread. glibc serves a request that large
 from a fresh `mmap` and unmaps it on `free`, so every step faults in gigabytes of new
 pages, a large share of a CPU step's time (docs/performance.md). Keeping glibc's
-allocations in its main heap (one arena, no `mmap`, trimmed only past 2 GiB) lets each
-step reuse the pages of the one before.
+allocations in its main heap (one arena, no `mmap`, never trimmed) lets each step reuse
+the pages of the one before. Trimming stays off because the heap still grows now and then,
+where smaller allocations have taken part of the last step's freed buffer; with a trim
+past 2 GiB, the grown part went back to the system and later steps faulted it in again
+(13 of 100 steps of a resnext50 train step, 3 s each on a 2-core VM; without trimming, 3
+in each of two runs, at the same peak memory; docs/performance.md, "Steps that fault in
+fresh memory").
 
 It must run before any library starts threads that allocate (NumPy's BLAS, PyTorch, JAX):
 glibc fixes its arena limit when the first extra arena is made, so call it before
 importing them (this module imports neither). It only changes how this process's heap
-grows and shrinks: freed memory stays with the process (up to 2 GiB at the top of the
-heap) instead of going back to the system. It takes hold in most processes but not all
-(tests/test_host_memory.py; the cause is not known yet).
+grows and shrinks: freed memory stays with the process instead of going back to the
+system. It takes hold in most processes but not all (tests/test_host_memory.py; perhaps
+the heap growth above, not confirmed).
 """
 
 import ctypes
@@ -23,7 +28,6 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_INT_MAX = 2**31 - 1
 
 
 def reuse_freed_memory() -> bool:
@@ -41,7 +45,8 @@ def reuse_freed_memory() -> bool:
     return False
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   mallopt.restype = ctypes.c_int
-  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
+  # A trim threshold of -1 turns trimming off (mallopt(3)).
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
   ok = all(mallopt(param, value) == 1 for param, value in settings)
   if not ok:
     logging.warning('Could not configure the C allocator (mallopt failed); CPU steps '
