@@ -207,18 +207,23 @@ def test_narrow_groups_fill_a_vector_together(isa, monkeypatch):
   assert cpu_calls.groups_per_vector(16, 32) == 1
 
 
+def batch_and_replicated_shardings():
+  """(by batch, replicated) shardings over the suite's 8 host devices."""
+  assert jax.device_count() == 8, 'run through the test suite (tests/conftest.py)'
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')),
+          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 @pytest.mark.parametrize('kernel_shape, groups', [((3, 3, 8, 32), 4), ((7, 7, 3, 16), 1)])
 def test_each_device_runs_the_kernels_on_its_own_images(kernel_shape, groups):
   """Under a batch-sharded jit nothing is gathered: every device convolves its share of
   the batch, and only the weight gradient is summed over devices."""
   if cpu_build.unavailable_reason():
     pytest.skip(cpu_build.unavailable_reason())
-  assert jax.device_count() == 8, 'run through the test suite (tests/conftest.py)'
+  by_batch, replicated = batch_and_replicated_shardings()
   x = jnp.ones((8, 9, 9, kernel_shape[2] * groups))
   kernel = jnp.ones(kernel_shape)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-  by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def loss(x, kernel):
     y = conv_ops.conv2d(x, kernel, strides=(2, 2), padding=((1, 1), (1, 1)),
@@ -268,10 +273,7 @@ def test_native_1x1_weight_gradient_runs_the_kernel_where_it_applies(kernel_shap
 def test_each_device_sums_the_1x1_weight_gradient_of_its_own_images():
   if cpu_build.unavailable_reason():
     pytest.skip(cpu_build.unavailable_reason())
-  assert jax.device_count() == 8, 'run through the test suite (tests/conftest.py)'
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-  by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  by_batch, replicated = batch_and_replicated_shardings()
 
   def loss(x, kernel):
     return jnp.sum(conv_ops.conv2d(x, kernel, impl='native') ** 2)
@@ -317,10 +319,7 @@ def test_each_device_runs_the_fused_eval_kernels_on_its_own_images(kernel_shape,
                                                                    residual):
   if cpu_build.unavailable_reason():
     pytest.skip(cpu_build.unavailable_reason())
-  assert jax.device_count() == 8, 'run through the test suite (tests/conftest.py)'
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-  by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  by_batch, replicated = batch_and_replicated_shardings()
 
   def forward(x, kernel, residual):
     return fused_eval.conv2d_normalized(

@@ -40,8 +40,9 @@ CASES = {
     'pointwise_stride2_odd': ((2, 9, 9, 16), 1, 2, 1, 24),
     # Outputs in blocks of 16: 'native' computes the weight gradient in C++, in tiles of
     # input channels with a shorter last one (20), panels of output channels with a
-    # narrower last one (80, 48), and blocks of pixels with a shorter last one.
-    'pointwise_blocks_of_16': ((2, 15, 15, 20), 1, 1, 1, 80),
+    # narrower last one (80, 48), and work items of several 128-pixel blocks, the last
+    # one shorter (3200 pixels: two work items per thread, up to 12 threads).
+    'pointwise_blocks_of_16': ((2, 40, 40, 20), 1, 1, 1, 80),
     'pointwise_blocks_of_16_stride2': ((3, 11, 11, 40), 1, 2, 1, 48),
     'stem': ((2, 15, 15, 3), 7, 2, 1, 16),
     'stem_nonsquare': ((1, 12, 9, 3), 7, 2, 1, 32),
